@@ -1,0 +1,543 @@
+"""Stage configs: one dataclass per stage, resolved as defaults < recipe YAML < command-line overrides.
+
+Every field carries its help text in `metadata["help"]` (the CLI shows it, so it is written once here) and its
+range rules (`gt`, `ge`, `lt`, `le`, `choices`, `required`) that `validate()` checks. `resolve()` gathers every
+problem (unknown keys with a "did you mean", values of the wrong type, out-of-range values, cross-field rules such
+as PPO batch divisibility) and raises them together in one ConfigError, before anything is loaded or written.
+
+A recipe is YAML: top-level keys apply to every stage that has them; `sft:`, `reward:`, `ppo:` and `eval:`
+sections apply to one stage and win over the top level:
+
+    model: ./tiny-model
+    seed: 0
+    sft: {dataset: data/sft.jsonl, epochs: 3}
+    ppo: {dataset: data/prompts.jsonl, episodes: 512}
+
+Importing this module is cheap (no torch, no transformers; yaml is imported when a recipe is read).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rlchat.errors import ConfigError
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+EVAL_POLICIES = ("base", "sft", "ppo")
+NULL_WORDS = ("none", "null", "~")  # a string that means None for an Optional field (e.g. `--target-kl none`)
+
+
+def _f(default, help: str, **rules):
+    """A dataclass field with its help text and the rules validate() checks (gt, ge, lt, le, choices, required,
+    allow: extra values accepted besides the range, e.g. -1 for "no limit")."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
+def _like(cls, name: str, default=dataclasses.MISSING, help: str | None = None):
+    """Reuse another config's field (help text and rules), optionally with a new default or help text."""
+    base = cls.__dataclass_fields__[name]
+    meta = dict(base.metadata)
+    if help is not None:
+        meta["help"] = help
+    return field(default=base.default if default is dataclasses.MISSING else default, metadata=meta)
+
+
+# ---- validation -----------------------------------------------------------------------------------------------
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _range_text(meta) -> str | None:
+    """'> 0', '>= 0', 'in [0, 1)', ... from a field's rules; None if the field has no range."""
+    lo = (">", meta["gt"]) if "gt" in meta else (">=", meta["ge"]) if "ge" in meta else None
+    hi = ("<", meta["lt"]) if "lt" in meta else ("<=", meta["le"]) if "le" in meta else None
+    if lo and hi:
+        return f"in {'(' if lo[0] == '>' else '['}{_num(lo[1])}, {_num(hi[1])}{')' if hi[0] == '<' else ']'}"
+    if lo or hi:
+        op, x = lo or hi
+        return f"{op} {_num(x)}"
+    return None
+
+
+def _in_range(v, meta) -> bool:
+    return (("gt" not in meta or v > meta["gt"]) and ("ge" not in meta or v >= meta["ge"])
+            and ("lt" not in meta or v < meta["lt"]) and ("le" not in meta or v <= meta["le"]))
+
+
+def _check_field(f: dataclasses.Field, v) -> str | None:
+    """The problem with one field's value, from its rules in metadata; None if fine."""
+    meta, name = f.metadata, f.name
+    if v is None:
+        return f"{name} is required" if meta.get("required") else None
+    if "choices" in meta:
+        choices = meta["choices"]
+        values = v if isinstance(v, list) else [v]
+        bad = [x for x in values if x not in choices]
+        if bad:
+            close = difflib.get_close_matches(str(bad[0]), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return f"{name} must be one of {', '.join(choices)}, got {bad[0]!r}{hint}"
+    rng = _range_text(meta)
+    if rng:
+        allow = meta.get("allow", ())
+        if not _is_number(v):
+            return f"{name} must be a number, got {v!r}"
+        if v not in allow and not _in_range(v, meta):
+            want = " or ".join([f"{_num(a)}{meta.get('allow_help', '')}" for a in allow] + [rng])
+            return f"{name} must be {want}, got {_num(v)}"
+    return None
+
+
+class _Validated:
+    """validate() for the stage dataclasses: per-field rules from metadata, then the class's cross-field rules."""
+
+    def _problems(self) -> list[tuple[str | None, str]]:
+        """(field name or None for cross-field rules, problem) pairs."""
+        out = []
+        for f in fields(self):
+            p = _check_field(f, getattr(self, f.name))
+            if p:
+                out.append((f.name, p))
+        bad = {name for name, _ in out}
+        out += [(None, p) for p in self._cross_checks(bad)]
+        return out
+
+    def _cross_checks(self, bad: set[str]) -> list[str]:
+        """Rules between fields; `bad` names fields that already failed on their own (rules using them skip)."""
+        return []
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, as messages like "lr must be > 0, got 0"; [] if it is valid."""
+        return [p for _, p in self._problems()]
+
+
+# ---- the stage configs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig(_Validated):
+    """Fields every stage has."""
+
+    run_dir: str | None = _f(None, "run directory shared by all stages (created if missing); this stage writes "
+                                   "RUN/<stage>/ and records itself in RUN/run.json", required=True)
+    dataset: str | None = _f(None, "dataset: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a "
+                                   "Hugging Face Hub id")
+    split: str = _f("train", "dataset split to read")
+    dataset_config: str | None = _f(None, "dataset configuration (subset) name, for Hub datasets that have several")
+    seed: int = _f(42, "random seed (data split, initialization, sampling)")
+    trust_remote_code: bool = _f(False, "allow custom code from the model repository to run; only for models you "
+                                        "trust")
+    overwrite: bool = _f(False, "redo this stage although it already finished; deletes its previous outputs "
+                                "(RUN/<stage>/) first")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Fields shared by the SFT and reward-model stages (Trainer-based)."""
+
+    model: str | None = _f(None, "base model: a Hugging Face Hub id or a local directory")
+    eval_fraction: float = _f(0.1, "fraction of the dataset held out for evaluation; 0 = no evaluation",
+                              ge=0, lt=1)
+    epochs: float = _f(1.0, "passes over the training data (fractions allowed)", gt=0)
+    max_steps: int = _f(-1, "stop after this many optimizer steps, overriding epochs; -1 = no limit",
+                        gt=0, allow=(-1,), allow_help=" (no limit)")
+    lr: float = _f(1e-4, "peak learning rate (AdamW, linear decay)", gt=0)
+    batch_size: int = _f(8, "examples per device per forward pass", gt=0)
+    grad_accum: int = _f(1, "gradient accumulation steps; the effective batch is batch_size x grad_accum x devices",
+                         gt=0)
+    max_length: int = _f(512, "truncate each tokenized example to this many tokens", gt=0)
+    lora_r: int = _f(16, "LoRA rank", gt=0)
+    lora_alpha: int = _f(32, "LoRA alpha; the adapter's scale is lora_alpha / lora_r", gt=0)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA adapter's input", ge=0, lt=1)
+    lora_target_modules: str | list[str] = _f("all-linear", "modules LoRA adapts: 'all-linear' or a comma-separated "
+                                                             "list of module names such as q_proj,v_proj")
+    full: bool = _f(False, "train all weights (full fine-tuning) instead of a LoRA adapter")
+    report_to: str = _f("none", "also send metrics to this tracker (metrics.jsonl is always written)",
+                        choices=REPORT_TO)
+    logging_steps: int = _f(10, "log metrics every N optimizer steps", gt=0)
+    eval_steps: int | None = _f(None, "evaluate every N optimizer steps; None = at the end of each epoch", gt=0)
+    save_steps: int = _f(100, "save a resumable checkpoint every N optimizer steps", gt=0)
+    gradient_checkpointing: bool = _f(False, "recompute activations during the backward pass: less memory, slower")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on chat, prompt/completion or plain-text data."""
+
+    lr: float = _like(TrainConfig, "lr", 2e-4)
+    packing: bool = _f(False, "pack several short examples into each max_length sequence")
+    assistant_only_loss: bool = _f(True, "compute the loss on assistant replies only, not on system/user turns "
+                                         "(conversational data)")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward model: a sequence classifier with one score, trained on chosen/rejected pairs."""
+
+    model: str | None = _like(TrainConfig, "model", help="base model for the reward model: a Hub id or a local "
+                                                          "directory; None = the run's SFT model")
+    dataset: str | None = _like(RunConfig, "dataset", help="preference pairs (chosen/rejected, optional prompt): "
+                                                            "a file, a save_to_disk directory or a Hub id")
+    lr: float = _like(TrainConfig, "lr", 1e-4)
+    center_rewards_coef: float | None = _f(None, "weight of an auxiliary loss that keeps rewards centred on zero "
+                                                 "(e.g. 0.01); None = off", ge=0)
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO on prompts, scored by the run's reward model and/or a reward function.
+
+    Step arithmetic: each PPO step generates `batch_size` rollouts, then runs `ppo_epochs` passes over them in
+    `mini_batches` optimizer steps, each accumulated over `grad_accum` micro-batches. There is no `epochs` field:
+    the amount of training is `episodes` (total rollouts), i.e. episodes / batch_size PPO steps.
+    """
+
+    dataset: str | None = _like(RunConfig, "dataset", help="prompts: a file, a save_to_disk directory or a Hub id "
+                                                            "with a 'prompt', 'messages' or 'text' column")
+    model: str | None = _f(None, "starting policy: None = the run's SFT model; or a Hub id / local directory")
+    report_to: str = _like(TrainConfig, "report_to")
+    lr: float = _like(TrainConfig, "lr", 5e-5)
+    episodes: int = _f(1024, "total rollouts (prompt + generated response) to train on", gt=0)
+    batch_size: int = _f(16, "rollouts generated per PPO step", gt=0)
+    mini_batches: int = _f(1, "optimizer steps per PPO epoch: each batch of rollouts is split into this many "
+                              "minibatches", gt=0)
+    grad_accum: int = _f(1, "micro-batches per minibatch (gradient accumulation: same result, less memory)", gt=0)
+    ppo_epochs: int = _f(4, "optimization passes over each batch of rollouts", gt=0)
+    max_steps: int = _like(TrainConfig, "max_steps",
+                           help="stop after this many PPO steps; -1 = episodes / batch_size steps")
+    response_length: int = _f(64, "maximum new tokens generated per response", gt=0)
+    max_prompt_length: int = _f(256, "maximum prompt length in tokens; longer prompts are truncated from the left",
+                                gt=0)
+    temperature: float = _f(0.7, "sampling temperature for rollouts", gt=0)
+    top_p: float = _f(1.0, "nucleus sampling for rollouts; 1 = off", gt=0, le=1)
+    kl_coef: float = _f(0.05, "weight of the per-token KL penalty against the reference (SFT) policy; the starting "
+                              "value when target_kl is set", ge=0)
+    target_kl: float | None = _f(None, "target KL per response for the adaptive KL controller (Ziegler et al. "
+                                       "2019); None = keep kl_coef fixed", gt=0)
+    kl_horizon: int = _f(10000, "horizon of the adaptive KL controller, in rollouts", gt=0)
+    gamma: float = _f(1.0, "discount factor for GAE", ge=0, le=1)
+    lam: float = _f(0.95, "GAE lambda (bias/variance trade-off of the advantages)", ge=0, le=1)
+    cliprange: float = _f(0.2, "PPO clip range for the policy probability ratio", gt=0)
+    cliprange_value: float = _f(0.2, "clip range for value updates around the rollout's values", gt=0)
+    vf_coef: float = _f(0.1, "weight of the value loss in the total loss", gt=0)
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this value", gt=0)
+    whiten_rewards: bool = _f(False, "whiten per-token rewards within each batch before GAE")
+    normalize_reward: bool = _f(True, "normalize reward-model scores with its held-out mean and std "
+                                      "(RUN/reward/reward_stats.json)")
+    missing_eos_penalty: float | None = _f(None, "subtract this from the score of responses that do not finish "
+                                                 "(no EOS within response_length); None = off", ge=0)
+    lora_r: int = _like(TrainConfig, "lora_r")
+    lora_alpha: int = _like(TrainConfig, "lora_alpha")
+    lora_dropout: float = _like(TrainConfig, "lora_dropout", 0.0)
+    lora_target_modules: str | list[str] = _like(TrainConfig, "lora_target_modules")
+    full: bool = _f(False, "train all policy and value weights instead of LoRA adapters")
+    reward_model: str | None = _f(None, "score with this reward model directory instead of the run's reward stage")
+    reward_fn: str | None = _f(None, "Python reward function 'module:function' or 'path/file.py:function' "
+                                     "(see README for its signature); added to the reward model's score")
+    reward_model_weight: float = _f(1.0, "weight of the reward model's score in the total score", ge=0)
+    reward_fn_weight: float = _f(1.0, "weight of reward_fn's score in the total score", ge=0)
+    separate_models: bool = _f(False, "load separate policy, value and reference models instead of one shared base "
+                                      "with adapters (more memory)")
+    save_every: int = _f(20, "save a resumable checkpoint every N PPO steps", gt=0)
+    sample_every: int = _f(10, "write sample responses to samples.jsonl every N PPO steps", gt=0)
+    logging_steps: int = _like(TrainConfig, "logging_steps", 1, help="log metrics every N PPO steps")
+    gradient_checkpointing: bool = _like(TrainConfig, "gradient_checkpointing")
+
+    def _cross_checks(self, bad: set[str]) -> list[str]:
+        out = []
+        if bad & {"batch_size", "mini_batches", "grad_accum", "episodes"}:
+            pass
+        elif self.batch_size % self.mini_batches:
+            ok = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+            out.append(f"batch_size ({self.batch_size}) must be divisible by mini_batches ({self.mini_batches}); "
+                       f"mini_batches could be {_choices_text(ok)}")
+        else:
+            per_mini = self.batch_size // self.mini_batches
+            if per_mini % self.grad_accum:
+                ok = [d for d in range(1, per_mini + 1) if per_mini % d == 0]
+                out.append(f"each minibatch has batch_size / mini_batches = {self.batch_size} / {self.mini_batches} "
+                           f"= {per_mini} rollouts, which is not divisible by grad_accum ({self.grad_accum}); "
+                           f"grad_accum could be {_choices_text(ok)}")
+        if not bad & {"batch_size", "episodes"} and self.episodes < self.batch_size:
+            out.append(f"episodes ({self.episodes}) must be >= batch_size ({self.batch_size}): one PPO step uses "
+                       f"batch_size rollouts")
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            out.append(f"reward_fn must look like 'module:function' or 'path/file.py:function', got "
+                       f"{self.reward_fn!r}")
+        if not bad & {"reward_model_weight", "reward_fn_weight"} and self.reward_model_weight == 0 and (self.reward_fn is None or self.reward_fn_weight == 0):
+            out.append("reward_model_weight is 0 and there is no weighted reward_fn: nothing would score responses")
+        return out
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """Compare the run's policies on held-out prompts: win rates, scores, KL, response lengths."""
+
+    dataset: str | None = _like(RunConfig, "dataset", help="prompts to evaluate on (a file, a save_to_disk "
+                                                            "directory or a Hub id); None = the run's PPO prompts")
+    max_prompts: int | None = _f(None, "evaluate on at most this many prompts; None = all", gt=0)
+    include_base: bool = _f(False, "also evaluate the base model the run started from")
+    judge: str | None = _f(None, "what judges win rates: None = the run's reward model; or a Python function "
+                                 "'module:function' / 'path/file.py:function'")
+    max_new_tokens: int = _f(64, "maximum new tokens generated per response", gt=0)
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy decoding", ge=0)
+    top_p: float = _f(1.0, "nucleus sampling; 1 = off", gt=0, le=1)
+    batch_size: int = _f(16, "prompts generated per batch", gt=0)
+    policies: list[str] | None = _f(None, f"policies to compare, comma-separated from {', '.join(EVAL_POLICIES)}; "
+                                          f"None = every one the run has", choices=EVAL_POLICIES)
+
+
+def _choices_text(values: list[int]) -> str:
+    if len(values) > 8:
+        values = values[:4] + ["..."] + values[-2:]
+    return ", ".join(map(str, values[:-1])) + (" or " if len(values) > 1 else "") + str(values[-1])
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+
+
+# ---- type coercion --------------------------------------------------------------------------------------------
+
+
+class _BadValue(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _to_bool(v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise _BadValue("true or false")
+
+
+def _to_int(v):
+    if isinstance(v, bool):
+        raise _BadValue("an integer")
+    if isinstance(v, int):
+        return v
+    try:
+        x = float(v.strip()) if isinstance(v, str) else float(v) if isinstance(v, float) else None
+    except ValueError:
+        x = None
+    if x is not None and x.is_integer():
+        return int(x)
+    raise _BadValue("an integer")
+
+
+def _to_float(v):
+    if isinstance(v, bool):
+        raise _BadValue("a number")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())  # YAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    raise _BadValue("a number")
+
+
+def _to_str(v):
+    if isinstance(v, str):
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)  # e.g. `dataset_config: 2023` read by YAML as an int
+    raise _BadValue("a string")
+
+
+def _to_str_list(v):
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, (list, tuple)):
+        try:
+            return [_to_str(x) for x in v]
+        except _BadValue:
+            pass
+    raise _BadValue("a list of strings")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _coerce(v, tp):
+    """`v` (from YAML or a command-line string) converted to the field type `tp`; _BadValue if it can't be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        if optional and (v is None or (isinstance(v, str) and v.strip().lower() in NULL_WORDS)):
+            return None
+        if len(rest) == 1:
+            try:
+                return _coerce(v, rest[0])
+            except _BadValue as bad:
+                raise _BadValue(bad.expected + (" or null" if optional else "")) from None
+        if set(rest) == {str, list[str]}:  # lora_target_modules: a name, or several names
+            if isinstance(v, str) and "," not in v:
+                return v
+            try:
+                return _to_str_list(v)
+            except _BadValue:
+                raise _BadValue("a string or a list of strings") from None
+        raise AssertionError(f"unsupported config type {tp}")
+    if origin is list and args == (str,):
+        return _to_str_list(v)
+    if tp in _SCALARS:
+        if v is None:
+            raise _BadValue({bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp])
+        return _SCALARS[tp](v)
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+# ---- resolve --------------------------------------------------------------------------------------------------
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field name: help text} for a stage config class, in field order (the CLI's --help uses it)."""
+    return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+def stage_keys(stage: str) -> list[str]:
+    """The field names of a stage's config."""
+    return [f.name for f in fields(STAGE_CONFIGS[stage])]
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The recipe YAML as a dict; ConfigError if the file is missing, not YAML or not a mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found", "check the path; recipes/ has examples")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(err, 'problem', '')})" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}", "fix the YAML syntax") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read recipe {path}: {err}", "check the file") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values, got a {type(data).__name__}",
+                          "write it as `key: value` lines, with optional sft:/reward:/ppo:/eval: sections")
+    return {str(k): v for k, v in data.items()}
+
+
+def _unknown_key(key: str, where: str, valid: list[str], listed: set[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    msg = f"unknown key '{key}' in {where}"
+    if close:
+        msg += f" (did you mean '{close[0]}'?)"
+    if where not in listed:  # list the valid keys once per place
+        listed.add(where)
+        msg += f"; valid keys there: {', '.join(sorted(valid))}"
+    return msg
+
+
+def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None,
+            overrides: dict[str, Any] | None = None):
+    """The config for `stage`: defaults < recipe top level < recipe[stage] section < overrides (None = not given).
+
+    Raises one ConfigError with every problem: unknown keys anywhere in the recipe (a typo in another stage's
+    section is reported too), values of the wrong type, and cfg.validate() problems.
+    """
+    stage_cls = stage_cls or STAGE_CONFIGS[stage]
+    hints = typing.get_type_hints(stage_cls)
+    names = [f.name for f in fields(stage_cls)]
+    problems: list[str] = []
+    listed: set[str] = set()
+    given: dict[str, tuple[Any, str]] = {}  # key -> (raw value, where it came from)
+
+    if recipe is not None:
+        data = load_recipe(recipe)
+        all_keys = sorted({n for cls in STAGE_CONFIGS.values() for f in fields(cls) for n in [f.name]})
+        top = f"{recipe} (top level)"
+        for key, val in data.items():
+            if key in STAGE_CONFIGS:
+                continue
+            if key in names:
+                given[key] = (val, top)
+            elif key not in all_keys:
+                problems.append(_unknown_key(key, top, all_keys + list(STAGE_CONFIGS), listed))
+        for section, cls in STAGE_CONFIGS.items():
+            body = data.get(section)
+            if body is None:
+                continue
+            where = f"{recipe} ({section} section)"
+            if not isinstance(body, dict):
+                problems.append(f"section '{section}' in {recipe} must be a mapping of keys to values, "
+                                f"got {body!r}")
+                continue
+            valid = [f.name for f in fields(cls)]
+            for key, val in body.items():
+                key = str(key)
+                if key not in valid:
+                    problems.append(_unknown_key(key, where, valid, listed))
+                elif section == stage:
+                    given[key] = (val, where)
+
+    for key, val in (overrides or {}).items():
+        if val is None:
+            continue
+        if key not in names:
+            problems.append(_unknown_key(key, "the command line", names, listed))
+        else:
+            given[key] = (val, "the command line")
+
+    values = {}
+    for key, (val, where) in given.items():
+        try:
+            values[key] = _coerce(val, hints[key])
+        except _BadValue as bad:
+            problems.append(f"{key} must be {bad.expected}, got {val!r} (in {where})")
+
+    cfg = stage_cls(**values)
+    for key, problem in cfg._problems():
+        if key in given and key in values:
+            problem += f" (in {given[key][1]})"
+        problems.append(problem)
+    if problems:
+        raise ConfigError(problems, "fix the keys and values listed; --help describes every option")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """The config as a plain dict (for the manifest and RUN/<stage>/config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg, with_help: bool = False) -> str:
+    """The config as YAML; with_help puts each field's help as a comment above it. Reusable as a recipe."""
+    import yaml
+
+    if not with_help:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    lines = []
+    for f in fields(cfg):
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(yaml.safe_dump({f.name: getattr(cfg, f.name)}, sort_keys=False,
+                                    default_flow_style=False).rstrip("\n"))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,657 @@
+"""The shared run directory: RUN/run.json manifest, RUN/<stage>/ outputs, atomic writes, a lock, content hashes.
+
+Layout (see docs/architecture.md):
+
+    RUN/run.json     manifest: {"rlchat_version", "created", "stages": {stage: entry}}
+    RUN/.lock        {"pid", "host", "stage", "started"} while a stage runs
+    RUN/<stage>/     everything a stage writes (adapters, tokenizer, metrics.jsonl, checkpoints/)
+
+A stage uses it like this (validation and data/model checks come first: begin_stage is the first write):
+
+    run = RunDir(cfg.run_dir)
+    mode = run.check_can_start("sft", cfg.overwrite)      # read-only; "new" or "resume"
+    ...                                                    # load data, resolve models
+    out = run.begin_stage("sft", to_dict(cfg), inputs, parent=None, overwrite=cfg.overwrite)
+    try:
+        ...                                                # train, write under `out`
+        run.finish_stage("sft", metrics, outputs)
+    except BaseException as err:
+        run.fail_stage("sft", str(err))
+        raise
+
+Every file the manifest points at is written atomically (tmp file + fsync + os.replace, or `atomic_dir` for a
+directory), so a crash or a full disk leaves the previous version intact, never a half-written one.
+Not handled here: locking across hosts (a lock held from another host is reported, never taken over) and PID reuse.
+The library never prints; messages a user should see go to `RunDir.messages` and the "rlchat" logger.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from rlchat import __version__
+from rlchat.errors import RunDirError
+
+log = logging.getLogger("rlchat")
+
+STAGES = ("sft", "reward", "ppo", "eval")
+STATUSES = ("running", "done", "failed")
+VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+# Metric shown by `rlchat status`, per stage, first key present wins; else the first numeric metric.
+KEY_METRICS = {
+    "sft": ("eval_loss", "eval/loss", "train_loss", "loss"),
+    "reward": ("eval_accuracy", "eval/accuracy", "accuracy", "eval_loss"),
+    "ppo": ("score/mean", "scores/mean", "reward/mean", "mean_score", "mean_reward", "score", "reward"),
+    "eval": ("win_rate", "eval/win_rate", "ppo/win_rate", "win_rate/ppo"),
+}
+
+
+def _now() -> str:
+    """Current time as ISO 8601 UTC, e.g. 2026-11-29T11:46:00Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+_OS_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _write_error(path: Path | str, err: OSError) -> RunDirError:
+    """An OSError during a write, as a one-line RunDirError that says the old file was kept."""
+    reason = _OS_REASONS.get(err.errno) or (err.strerror or str(err)).lower()
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space (or use a run directory on another disk) and rerun; the previous file is unchanged"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "use a run directory you can write to; the previous file is unchanged"
+    else:
+        fix = "check the disk and rerun; the previous file is unchanged"
+    return RunDirError(f"could not write {path}: {reason}", fix)
+
+
+def _json_default(obj):
+    """Make Paths, numpy/torch scalars and arrays JSON-friendly without importing either library."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _dumps(obj, indent: int | None = None) -> str:
+    return json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss (best effort; not every OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old or the new content, never a mix.
+
+    The text goes to a tmp file in the same directory (same filesystem, so os.replace is atomic), is flushed and
+    fsynced, then renamed over `path`. On any failure the tmp file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """atomic_write_text of `obj` as indented JSON (Paths and tensor/numpy scalars are converted)."""
+    atomic_write_text(path, _dumps(obj, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty tmp directory next to `final`; on success it replaces `final` in one rename.
+
+    An existing `final` is renamed away first, the new directory renamed in, and only then the old one deleted, so
+    at every moment either the old or the new directory is complete. On an exception inside the block the tmp
+    directory is removed and `final` is untouched.
+
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp)
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    except OSError as err:
+        raise _write_error(final, err) from err
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    try:
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is not None:
+                os.rename(old, final)  # put the previous version back
+                old = None
+            raise
+        _fsync_dir(final.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, err) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON row (e.g. a metrics step) to a .jsonl file and flush it, so `tail -f` and crashes see it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(_dumps(row) + "\n")
+            f.flush()
+    except OSError as err:
+        raise _write_error(path, err) from err
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def content_hash(path: str | Path) -> str:
+    """"sha256:<hex>" of a file's bytes, or of a directory: every file's relative path and bytes, sorted by path.
+
+    A directory hash changes when a file is added, removed, renamed or edited, and does not depend on mtimes.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        if path.is_file():
+            _hash_file(path, h)
+        elif path.is_dir():
+            files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+            for p in files:
+                h.update(p.relative_to(path).as_posix().encode("utf-8") + b"\0")
+                sub = hashlib.sha256()
+                _hash_file(p, sub)
+                h.update(sub.digest())
+        else:
+            raise RunDirError(f"cannot hash {path}: no such file or directory", "check the path")
+    except OSError as err:
+        raise RunDirError(f"cannot hash {path}: {(err.strerror or str(err)).lower()}", "check the path") from err
+    return "sha256:" + h.hexdigest()
+
+
+def input_record(spec: str, hash: bool = True) -> dict:
+    """How an input (dataset, model) was given, for the manifest.
+
+    A spec that exists on disk is local: {"spec", "kind": "local", "path": <absolute>, "hash": "sha256:..."}
+    (hash=False leaves "hash" None: hashing reads every byte, slow for a multi-GB model directory).
+    Anything else is taken as a Hub id: {"spec", "kind": "hub"}.
+    """
+    spec = str(spec)
+    local = Path(spec).expanduser()
+    if local.exists():
+        return {"spec": spec, "kind": "local", "path": str(local.resolve()),
+                "hash": content_hash(local) if hash else None}
+    return {"spec": spec, "kind": "hub"}
+
+
+def library_versions() -> dict:
+    """Python and library versions from installed package metadata (no imports); a missing package is None."""
+    from importlib import metadata
+
+    versions: dict = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except OSError:
+        return False
+    return True
+
+
+class RunDir:
+    """One run directory. Creating the object touches nothing on disk; `begin_stage` is the first write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.manifest_path = self.path / "run.json"
+        self.lock_path = self.path / ".lock"
+        self.messages: list[str] = []  # things the CLI should show the user (stale lock taken over, ...)
+        self._t0: dict[str, float] = {}  # monotonic start per stage begun by this object, for wall_s
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def _say(self, msg: str) -> None:
+        self.messages.append(msg)
+        log.warning(msg)
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """True if the run directory has a manifest (some stage has started in it)."""
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        """The parsed run.json, or a fresh empty manifest if there is none yet (nothing is written)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {self.path} is a file, not a directory",
+                              "pass a directory path (new or existing) as the run directory")
+        if not self.manifest_path.exists():
+            return {"rlchat_version": __version__, "created": _now(), "stages": {}}
+        fix = ("restore it (for example from a backup) or start a new run directory; "
+               "rlchat will not overwrite a corrupt manifest")
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunDirError(f"cannot read {self.manifest_path}: {err}", fix) from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{self.manifest_path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                              f"{err.msg})", fix) from err
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+            raise RunDirError(f"{self.manifest_path} is not an rlchat manifest (no \"stages\" object)", fix)
+        return data
+
+    def stage_dir(self, stage: str) -> Path:
+        """RUN/<stage> (not created)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        return self.path / stage
+
+    def record(self, stage: str) -> dict | None:
+        """The manifest entry of a stage, or None if it never started."""
+        return self.manifest()["stages"].get(stage)
+
+    def require_done(self, stage: str, fix: str) -> dict:
+        """The entry of a finished parent stage; RunDirError (with the caller's fix) if it is not done."""
+        rec = self.record(stage)
+        if rec is None:
+            raise RunDirError(f"stage '{stage}' has not run in {self.path}", fix)
+        status = rec.get("status")
+        if status != "done":
+            detail = f" ({rec['error']})" if status == "failed" and rec.get("error") else ""
+            raise RunDirError(f"stage '{stage}' in {self.path} is {status}{detail}, not done", fix)
+        if not self.stage_dir(stage).is_dir():
+            raise RunDirError(f"{self.stage_dir(stage)} is missing although run.json says stage '{stage}' is done",
+                              f"{fix}, or restore {self.stage_dir(stage)}")
+        return rec
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        """RUN/<stage>/checkpoints, where a stage keeps what it needs to resume."""
+        return self.stage_dir(stage) / "checkpoints"
+
+    def has_checkpoints(self, stage: str) -> bool:
+        ckpt = self.checkpoints_dir(stage)
+        return ckpt.is_dir() and any(ckpt.iterdir())
+
+    def check_can_start(self, stage: str, overwrite: bool) -> str:
+        """Read-only check before any work: "new" or "resume"; RunDirError if the stage cannot start.
+
+        "resume": the stage is running/failed (a crash or Ctrl-C) and RUN/<stage>/checkpoints has something.
+        Refuses a finished stage unless `overwrite`, and a run directory locked by a live process.
+        """
+        self.stage_dir(stage)  # validates the name
+        rec = self.manifest()["stages"].get(stage)
+        self._check_lock_free()
+        if rec is None:
+            return "new"
+        if rec.get("status") == "done":
+            if not overwrite:
+                raise RunDirError(
+                    f"stage '{stage}' already finished in {self.path}",
+                    f"pass --overwrite to retrain it (this deletes {self.stage_dir(stage)}), or use a new run directory")
+            return "new"
+        if not overwrite and self.has_checkpoints(stage):
+            return "resume"
+        return "new"
+
+    # ---- lock --------------------------------------------------------------------------------------------------
+
+    def _read_lock(self) -> dict | None:
+        """The lock's content, None if there is no lock; RunDirError if it is unreadable."""
+        try:
+            text = self.lock_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise RunDirError(f"cannot read {self.lock_path}: {err}", "check the run directory permissions") from err
+        try:
+            info = json.loads(text)
+            int(info["pid"])
+            return info
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunDirError(
+                f"{self.lock_path} is unreadable (another process may be writing it)",
+                f"retry; if no rlchat process uses {self.path}, delete {self.lock_path}") from err
+
+    def _lock_owner_error(self, info: dict) -> RunDirError:
+        stage = info.get("stage", "?")
+        return RunDirError(
+            f"{self.path} is in use: stage '{stage}' is running as pid {info.get('pid')} on host "
+            f"{info.get('host')} since {info.get('started')}",
+            f"wait for it to finish or stop it; if that process is gone, delete {self.lock_path}")
+
+    def _check_lock_free(self) -> None:
+        """Raise if a live process (other than us) holds the lock; a stale lock is fine (begin takes it over)."""
+        info = self._read_lock()
+        if info is None:
+            return
+        pid, host = int(info["pid"]), info.get("host")
+        if host != socket.gethostname():
+            raise self._lock_owner_error(info)
+        if pid != os.getpid() and _pid_alive(pid):
+            raise self._lock_owner_error(info)
+
+    def lock(self, stage: str) -> str | None:
+        """Take RUN/.lock for `stage` (creating RUN if needed). Returns a message if a stale lock was taken over.
+
+        O_CREAT|O_EXCL makes taking the lock atomic. A lock left by a dead process on this host is taken over;
+        one held by a live process, or by any process on another host, raises RunDirError.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as err:
+            raise RunDirError(f"run directory {self.path} is a file, not a directory",
+                              "pass a directory path as the run directory") from err
+        except OSError as err:
+            raise _write_error(self.path, err) from err
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": _now()}
+        message = None
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                old = self._read_lock()
+                if old is None:
+                    continue  # released in between: try again
+                pid = int(old["pid"])
+                if old.get("host") != info["host"] or (pid != os.getpid() and _pid_alive(pid)):
+                    raise self._lock_owner_error(old) from None
+                if pid != os.getpid():
+                    message = (f"took over a stale lock in {self.path}: stage '{old.get('stage')}' (pid {pid}, "
+                               f"started {old.get('started')}) is no longer running")
+                try:
+                    os.unlink(self.lock_path)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as err:
+                raise _write_error(self.lock_path, err) from err
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(_dumps(info) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:
+                try:
+                    os.unlink(self.lock_path)
+                except OSError:
+                    pass
+                raise _write_error(self.lock_path, err) from err
+            if message:
+                self._say(message)
+            return message
+        raise RunDirError(f"could not take {self.lock_path}: it keeps changing",
+                          "check that no other rlchat process uses this run directory and retry")
+
+    def unlock(self) -> None:
+        """Release RUN/.lock if this process holds it; a lock held by someone else is left alone."""
+        if not self.holds_lock():
+            return
+        try:
+            os.unlink(self.lock_path)
+        except FileNotFoundError:
+            pass
+
+    # ---- stage lifecycle ----------------------------------------------------------------------------------------
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def begin_stage(self, stage: str, config: dict, inputs: dict, parent: str | None, overwrite: bool) -> Path:
+        """Take the lock and mark `stage` running; returns RUN/<stage> (created).
+
+        New start: RUN/<stage> is removed first if it belongs to an earlier attempt (or `overwrite`).
+        Resume (status running/failed with checkpoints, no `overwrite`): RUN/<stage> is kept.
+        """
+        mode = self.check_can_start(stage, overwrite)
+        self.lock(stage)
+        try:
+            manifest = self.manifest()
+            if not self.manifest_path.exists():
+                manifest["created"] = _now()
+            old = manifest["stages"].get(stage)
+            out = self.stage_dir(stage)
+            if mode == "new" and out.exists() and (old is not None or overwrite):
+                try:
+                    shutil.rmtree(out)
+                except OSError as err:
+                    raise RunDirError(f"could not delete {out}: {err.strerror or err}",
+                                      f"delete {out} by hand and rerun") from err
+            if mode == "new" and old is not None:
+                later = [s for s, rec in manifest["stages"].items() if rec.get("parent") == stage and s != stage]
+                if later:
+                    self._say(f"stage '{stage}' is being retrained; {', '.join(later)} in {self.path} used the "
+                              f"previous '{stage}' and should be rerun with --overwrite")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _write_error(out, err) from err
+            manifest["stages"][stage] = {
+                "status": "running",
+                "config": config,
+                "inputs": inputs,
+                "parent": parent,
+                "outputs": {},
+                "metrics": {},
+                "versions": library_versions(),
+                "started": _now(),
+                "ended": None,
+                "wall_s": None,
+                "error": None,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "resumed": mode == "resume",
+            }
+            self._write_manifest(manifest)
+        except BaseException:
+            self.unlock()
+            raise
+        self._t0[stage] = time.monotonic()
+        log.info("%s stage '%s' in %s", "resuming" if mode == "resume" else "starting", stage, self.path)
+        return out
+
+    def holds_lock(self) -> bool:
+        """True if this process holds RUN/.lock."""
+        try:
+            info = self._read_lock()
+        except RunDirError:
+            return False
+        return info is not None and int(info["pid"]) == os.getpid() and info.get("host") == socket.gethostname()
+
+    def _end(self, stage: str, status: str, **fields) -> None:
+        if not self.holds_lock():
+            # never touch the entry of a stage that another process may be running
+            raise RunDirError(f"this process does not hold {self.lock_path}, so it cannot end stage '{stage}'",
+                              "call begin_stage first")
+        manifest = self.manifest()
+        entry = manifest["stages"].get(stage)
+        if entry is None:
+            raise RunDirError(f"stage '{stage}' was never started in {self.path}", "call begin_stage first")
+        ended = _now()
+        if stage in self._t0:
+            wall = time.monotonic() - self._t0.pop(stage)
+        else:
+            t0, t1 = _parse_time(entry.get("started")), _parse_time(ended)
+            wall = (t1 - t0).total_seconds() if t0 and t1 else None
+        entry.update(status=status, ended=ended, wall_s=None if wall is None else round(wall, 2), **fields)
+        self._write_manifest(manifest)
+
+    def finish_stage(self, stage: str, metrics: dict, outputs: dict) -> None:
+        """Mark `stage` done with its final metrics and outputs (paths relative to RUN, e.g. "sft/adapter"), then
+        release the lock. If the manifest write fails the lock is kept, so the caller's fail_stage can record it."""
+        self._end(stage, "done", metrics=metrics, outputs=outputs, error=None)
+        self.unlock()
+
+    def fail_stage(self, stage: str, error: str) -> None:
+        """Mark `stage` failed and release the lock. Best effort: never raises (the caller re-raises the error)."""
+        try:
+            self._end(stage, "failed", error=str(error) or "interrupted")
+        except (RunDirError, OSError) as err:
+            log.warning("could not record the failure of stage '%s' in %s: %s", stage, self.manifest_path, err)
+        finally:
+            self.unlock()
+
+    # ---- paths --------------------------------------------------------------------------------------------------
+
+    def resolve_inside(self, path: str | Path) -> Path:
+        """`path` (relative paths are taken from RUN) resolved; RunDirError if it points outside the run directory."""
+        base = self.path.resolve()
+        p = Path(path).expanduser()
+        full = (p if p.is_absolute() else base / p).resolve()
+        if full != base and not full.is_relative_to(base):
+            raise RunDirError(f"path {path} points outside the run directory {self.path}",
+                              "use a path inside the run directory")
+        return full
+
+
+# ---- `rlchat status` ------------------------------------------------------------------------------------------
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt_number(v) -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def format_seconds(s: float | None) -> str:
+    """12.3s, 3m05s, 1h02m; "-" for None."""
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def key_metric(stage: str, metrics: dict | None) -> str:
+    """The one metric `rlchat status` shows for a stage, as "name=value"; "-" if there is none."""
+    metrics = metrics or {}
+    for key in KEY_METRICS.get(stage, ()):
+        if _is_number(metrics.get(key)):
+            return f"{key}={_fmt_number(metrics[key])}"
+    for key, v in metrics.items():
+        if _is_number(v):
+            return f"{key}={_fmt_number(v)}"
+    return "-"
+
+
+def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
+    """(stage, status, key metric, wall time) per stage, in pipeline order, for `rlchat status RUN`.
+
+    A running stage shows its time so far ("3m05s so far"); a failed one without metrics shows its error.
+    """
+    stages = manifest.get("stages", {})
+    order = [s for s in STAGES if s in stages] + [s for s in stages if s not in STAGES]
+    rows = []
+    for stage in order:
+        rec = stages[stage] or {}
+        status = str(rec.get("status", "?"))
+        metric = key_metric(stage, rec.get("metrics"))
+        if metric == "-" and status == "failed" and rec.get("error"):
+            err = " ".join(str(rec["error"]).split())
+            metric = "error: " + (err if len(err) <= 60 else err[:57] + "...")
+        wall = format_seconds(rec.get("wall_s"))
+        if status == "running" and rec.get("wall_s") is None:
+            t0 = _parse_time(rec.get("started"))
+            if t0 is not None:
+                wall = format_seconds((datetime.now(timezone.utc) - t0).total_seconds()) + " so far"
+        rows.append((stage, status, metric, wall))
+    return rows
