@@ -1,0 +1,42 @@
+# rlchat: `make demo` and `make test` install everything they need into .venv on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlchat-installed
+PYTHON ?= python3
+# CPU-only machines get the CPU build of torch (already on disk here); GPU machines get pip's default CUDA build.
+TORCH_CPU ?= torch==2.13.0
+DEMO_RUN ?= runs/demo
+
+.PHONY: install test test-fast demo demo-clean clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing the default (CUDA) torch build"; $(PY) -m pip install -q torch; \
+	else \
+	  echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; $(PY) -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# The full suite, slow end-to-end tests included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+# Skip the slow end-to-end tests (edit-test loop).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# The whole pipeline offline on the built-in demo task, then the report.
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_RUN)
+
+demo-clean:
+	rm -rf $(DEMO_RUN) .demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

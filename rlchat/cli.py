@@ -1,0 +1,275 @@
+"""The `rlchat` command line: one subcommand per pipeline stage plus run-directory tools.
+
+The stage commands are generated from the config dataclasses in `rlchat.config`, so every flag's help text is
+written once (in the dataclass field) and `--config recipe.yaml` and the flags can never drift apart.
+Heavy libraries (torch, transformers, trl) are imported inside the commands: `rlchat --help` stays fast.
+
+Errors a user can fix (`rlchat.errors.RlchatError`) are printed as one line, exit code 2, no traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rlchat import __version__
+from rlchat.errors import RlchatError
+
+app = typer.Typer(
+    name="rlchat",
+    help="RLHF pipelines from the shell: supervised fine-tuning, reward model, PPO with LoRA, evaluation. "
+    "Every stage reads and writes one shared run directory (--run-dir).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# stage name -> (command name, module with run(cfg), one-line help, example)
+STAGE_COMMANDS = {
+    "sft": (
+        "sft",
+        "rlchat.stages.sft",
+        "Supervised fine-tuning with TRL's SFTTrainer (LoRA by default, --full for all weights).",
+        "rlchat sft --run-dir runs/demo --model .demo/model --dataset .demo/data/sft.jsonl --full --epochs 3",
+    ),
+    "reward": (
+        "train-reward",
+        "rlchat.stages.reward",
+        "Train a reward model on preference pairs with TRL's RewardTrainer, starting from the run's SFT model.",
+        "rlchat train-reward --run-dir runs/demo --dataset .demo/data/pairs.jsonl",
+    ),
+    "ppo": (
+        "ppo",
+        "rlchat.stages.ppo",
+        "PPO on one shared base model with LoRA adapters for policy, value and reward.",
+        "rlchat ppo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512",
+    ),
+    "eval": (
+        "eval",
+        "rlchat.stages.evaluate",
+        "Generate with every policy in the run, score, compare (win rates, KL), write report and plots.",
+        "rlchat eval --run-dir runs/demo --dataset .demo/data/heldout.jsonl --judge rlchat.demo.task:judge",
+    ),
+}
+
+
+def fail(err: RlchatError) -> typing.NoReturn:
+    """Print a user error as one line on stderr and exit with its code (2)."""
+    from rlchat.progress import console
+
+    console.print(f"[bold red]error:[/] {err.one_line()}", soft_wrap=True, markup=True, highlight=False)
+    raise typer.Exit(err.exit_code)
+
+
+def _option_type(hint) -> tuple[type, bool]:
+    """Map a dataclass field type to (click-friendly type, is_list)."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if any(typing.get_origin(a) is list or a is list for a in args):
+            return str, True
+        return _option_type(args[0]) if args else (str, False)
+    if hint is list or origin is list:
+        return str, True
+    if hint in (bool, int, float, str):
+        return hint, False
+    return str, False
+
+
+def _stage_command(stage: str):
+    from rlchat import config as cfgmod
+
+    name, module, short_help, example = STAGE_COMMANDS[stage]
+    cls = cfgmod.STAGE_CONFIGS[stage]
+    hints = typing.get_type_hints(cls)
+    common = {f.name for f in dataclasses.fields(cfgmod.TrainConfig)} if hasattr(cfgmod, "TrainConfig") else set()
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[Path],
+                typer.Option("--config", "-c", help="Recipe YAML: shared keys plus a section per stage. "
+                             "Explicit flags override it.", rich_help_panel="Run"),
+            ],
+        ),
+        inspect.Parameter(
+            "json_out",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout.",
+                                                    rich_help_panel="Run")],
+        ),
+    ]
+    list_fields = set()
+    for f in dataclasses.fields(cls):
+        typ, is_list = _option_type(hints[f.name])
+        if is_list:
+            list_fields.add(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if typ is bool else [flag]
+        panel = "Run" if f.name in ("run_dir", "overwrite") else (
+            "Common training options" if f.name in common else "Stage options")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
+            help_text += f" [default: {default}]"
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[typ], typer.Option(*decls, help=help_text, rich_help_panel=panel,
+                                                             show_default=False)],
+        ))
+
+    def command(**kwargs):
+        recipe = kwargs.pop("config")
+        json_out = kwargs.pop("json_out")
+        overrides = {}
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            if key in list_fields and isinstance(value, str) and "," in value:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            overrides[key] = value
+        run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = f"{short_help}\n\nExample:\n\n    {example}"
+    app.command(name, help=command.__doc__, short_help=short_help,
+                epilog=f"Example: {example}")(command)
+
+
+def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool) -> dict:
+    """Resolve the config, run the stage, print its summary (and JSON with --json)."""
+    from rlchat.config import STAGE_CONFIGS, resolve
+    from rlchat.progress import console
+
+    try:
+        cfg = resolve(STAGE_CONFIGS[stage], stage, recipe, overrides)
+        result = importlib.import_module(module).run(cfg)
+    except RlchatError as err:
+        fail(err)
+    summary = result.get("summary") if isinstance(result, dict) else None
+    if summary:
+        console.print(f"[bold green]{stage}:[/] {summary}", soft_wrap=True, highlight=False)
+    if json_out:
+        print(json.dumps(result, indent=1, default=str))
+    return result
+
+
+for _stage in STAGE_COMMANDS:
+    _stage_command(_stage)
+
+
+@app.command("status", epilog="Example: rlchat status runs/demo --json")
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+):
+    """Show the stages of a run directory: status, key metric, wall time."""
+    from rich.table import Table
+
+    from rlchat.progress import console
+    from rlchat.rundir import RunDir, summary_rows
+
+    try:
+        run = RunDir(run_dir)
+        if not run.exists():
+            raise RlchatError(f"no run directory at {run_dir} (no run.json)",
+                              "pass the --run-dir you gave to `rlchat sft` (or another stage)")
+        manifest = run.manifest()
+    except RlchatError as err:
+        fail(err)
+    if json_out:
+        print(json.dumps(manifest, indent=1, default=str))
+        return
+    table = Table(title=f"rlchat run {run_dir}")
+    for col in ("stage", "status", "key metric", "time"):
+        table.add_column(col)
+    for row in summary_rows(manifest):
+        table.add_row(*[str(x) for x in row])
+    console.print(table)
+
+
+@app.command("new-model", epilog="Example: rlchat new-model .demo/model --arch llama --size demo --corpus demo")
+def new_model(
+    out: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
+    arch: Annotated[str, typer.Option(help="Architecture: llama, qwen2 or gpt2.")] = "llama",
+    size: Annotated[str, typer.Option(help="Size preset (see rlchat.tiny.SIZES): tiny, small, demo.")] = "tiny",
+    corpus: Annotated[str, typer.Option(help="Text to train the BPE tokenizer on: a .txt/.jsonl file, "
+                                        "or 'demo' for the built-in demo task's text.")] = "demo",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed -> identical model).")] = 0,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty OUT.")] = False,
+):
+    """Build a tiny random-init causal LM and a BPE tokenizer offline (for tests, the demo and smoke tests)."""
+    from rlchat.progress import console
+
+    try:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise RlchatError(f"{out} exists and is not empty", "choose another directory or pass --overwrite")
+        from rlchat import tiny
+
+        if size not in tiny.SIZES:
+            raise RlchatError(f"unknown size '{size}'", f"use one of: {', '.join(tiny.SIZES)}")
+        if corpus != "demo" and not Path(corpus).is_file():
+            raise RlchatError(f"corpus file not found: {corpus}", "pass a .txt or .jsonl file, or 'demo'")
+        path = tiny.build_tiny_model(out, arch=arch, size=size, corpus=None if corpus == "demo" else corpus,
+                                     seed=seed, vocab_size=vocab_size, overwrite=overwrite)
+    except RlchatError as err:
+        fail(err)
+    except ValueError as err:  # bad arch etc. from the builder
+        fail(RlchatError(str(err), "see `rlchat new-model --help`"))
+    console.print(f"[bold green]new-model:[/] {arch}/{size} model and tokenizer written to {path}")
+
+
+@app.command("demo-data", epilog="Example: rlchat demo-data .demo/data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Directory to write sft.jsonl, pairs.jsonl and prompts.jsonl to.")],
+    seed: Annotated[int, typer.Option(help="Random seed of the generator.")] = 0,
+):
+    """Write the built-in demo task's data (SFT chats, preference pairs, held-out prompts)."""
+    from rlchat.demo.task import write_demo_data
+    from rlchat.progress import console
+
+    paths = write_demo_data(out, seed=seed)
+    console.print("[bold green]demo-data:[/] " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+def _version(value: bool):
+    if value:
+        print(f"rlchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """RLHF pipelines from the shell."""
+
+
+def main():
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Progress display and metrics logging shared by the stages.
+
+`TrainerProgress` is a transformers `TrainerCallback`: it draws one rich progress bar (pass `disable_tqdm=True`
+to the trainer so tqdm does not draw a second one) and appends every log dict the trainer emits as one JSON row
+to `metrics.jsonl` (train loss, eval loss, learning rate, ... with `step` and `epoch`).
+`stage_progress()` gives the same bar for hand-written loops (PPO, eval).
+Progress goes to stderr, so `--json` output on stdout stays machine-readable.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def stage_progress() -> Progress:
+    """A rich progress bar with a free-form `info` field (e.g. "loss 1.23")."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+try:  # transformers is a hard dependency of the stages, but keep this module importable without it
+    from transformers import TrainerCallback as _Base
+except ImportError:  # pragma: no cover
+    _Base = object
+
+
+class TrainerProgress(_Base):
+    """Rich progress bar + metrics.jsonl writer for transformers/TRL trainers."""
+
+    def __init__(self, metrics_path: str | Path, description: str, show_keys=("loss", "eval_loss")):
+        self.metrics_path = Path(metrics_path)
+        self.description = description
+        self.show_keys = show_keys
+        self.progress: Progress | None = None
+        self.task = None
+        self.info: dict[str, float] = {}
+        self.t0 = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = stage_progress()
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, info="")
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        from rlchat.rundir import append_jsonl
+
+        row = {"step": state.global_step, "epoch": _clean(state.epoch), "time_s": round(time.time() - self.t0, 3)}
+        row.update({k: _clean(v) for k, v in logs.items()})
+        append_jsonl(self.metrics_path, row)
+        for key in self.show_keys:
+            if isinstance(logs.get(key), (int, float)):
+                self.info[key] = logs[key]
+        if self.progress is not None:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in self.info.items())
+            self.progress.update(self.task, info=text)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None

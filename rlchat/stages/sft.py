@@ -1,0 +1,130 @@
+"""`rlchat sft`: supervised fine-tuning with TRL's SFTTrainer.
+
+What it does, in order:
+  1. validate: config (done by the CLI), the run directory (a finished stage needs --overwrite), the dataset
+     (loads, detects the TRL format: messages / prompt+completion / text), the model and tokenizer.
+     Nothing is written to the run directory before all of this passed.
+  2. begin the stage in the manifest (RUN/run.json) and train: LoRA by default, --full for all weights; loss on
+     assistant tokens only for conversations (completion tokens only for prompt+completion);
+     eval loss on the held-out fraction before and after.
+  3. write RUN/sft/: adapter/ (PEFT) or model/ (full, safetensors), tokenizer/, metrics.jsonl, config.yaml,
+     and the final metrics into the manifest. Every output directory is written atomically (tmp dir + rename).
+
+Resume: checkpoints go to RUN/sft/checkpoints/ every --save-steps; the same command after a kill resumes from the
+newest complete checkpoint. Outputs (manifest `outputs`): kind ("lora" | "full"), adapter, model, tokenizer,
+base_model. `rlchat.models.load_sft_policy` reads exactly these.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from rlchat.errors import ConfigError
+
+
+def run(cfg) -> dict:
+    from rlchat import data, models
+    from rlchat.config import to_dict, to_yaml
+    from rlchat.progress import TrainerProgress, console
+    from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
+    from rlchat.stages.common import last_complete_checkpoint, quiet_libraries, stage_lifecycle, trainer_args
+
+    t_start = time.time()
+    # 1. validate everything before the first write
+    if not cfg.model:
+        raise ConfigError("sft needs a base model", "pass --model (a Hub id or a local directory) or set `model:` "
+                          "in the recipe")
+    if not cfg.dataset:
+        raise ConfigError("sft needs a dataset", "pass --dataset (a .jsonl/.json/.parquet/.csv file, a "
+                          "save_to_disk directory or a Hub id)")
+    run = RunDir(cfg.run_dir)
+    mode = run.check_can_start("sft", cfg.overwrite)
+    ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
+    fmt = data.detect_sft_format(ds)
+    console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
+    train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
+    quiet_libraries()
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+    # 2. train
+    stage_dir = run.begin_stage(
+        "sft", config=to_dict(cfg),
+        inputs={"model": input_record(cfg.model), "dataset": input_record(cfg.dataset)},
+        parent=None, overwrite=cfg.overwrite,
+    )
+    with stage_lifecycle(run, "sft"):
+        atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+        from trl import SFTConfig as TrlSFTConfig
+        from trl import SFTTrainer
+
+        ckpt_dir = stage_dir / "checkpoints"
+        resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
+        args = TrlSFTConfig(
+            **trainer_args(cfg, ckpt_dir, has_eval=eval_ds is not None),
+            max_length=cfg.max_length,
+            packing=cfg.packing,
+            assistant_only_loss=bool(cfg.assistant_only_loss and fmt == "messages"),
+            completion_only_loss=True if fmt == "prompt_completion" else None,
+            dataset_num_proc=None,
+        )
+        peft_config = None if cfg.full else models.lora_config(
+            cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="CAUSAL_LM")
+        progress = TrainerProgress(stage_dir / "metrics.jsonl", "sft")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
+        trainable, total = models.count_parameters(trainer.model)
+
+        before_path = stage_dir / "eval_before.json"
+        eval_before = None
+        if eval_ds is not None:
+            if resume_from is not None and before_path.exists():
+                eval_before = json.loads(before_path.read_text()).get("eval_loss")
+            else:
+                eval_before = trainer.evaluate().get("eval_loss")
+                atomic_write_json(before_path, {"eval_loss": eval_before})
+        if resume_from is not None:
+            console.print(f"[yellow]sft: resuming from {resume_from.name}[/]")
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        eval_after = trainer.evaluate().get("eval_loss") if eval_ds is not None else None
+
+        # 3. write outputs atomically
+        if cfg.full:
+            with atomic_dir(stage_dir / "model") as tmp:
+                trainer.model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            with atomic_dir(stage_dir / "adapter") as tmp:
+                trainer.model.save_pretrained(tmp)
+        with atomic_dir(stage_dir / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
+
+        wall = time.time() - t_start
+        metrics = {
+            "eval_loss": eval_after,
+            "eval_loss_before": eval_before,
+            "train_loss": result.training_loss,
+            "steps": trainer.state.global_step,
+            "n_train": len(train_ds),
+            "n_eval": len(eval_ds) if eval_ds is not None else 0,
+            "format": fmt,
+            "trainable_params": trainable,
+            "total_params": total,
+            "resumed_from": resume_from.name if resume_from else None,
+            "wall_s": round(wall, 1),
+        }
+        outputs = {
+            "kind": "full" if cfg.full else "lora",
+            "adapter": None if cfg.full else "sft/adapter",
+            "model": "sft/model" if cfg.full else None,
+            "tokenizer": "sft/tokenizer",
+            "base_model": cfg.model,
+            "metrics": "sft/metrics.jsonl",
+        }
+        run.finish_stage("sft", metrics=metrics, outputs=outputs)
+
+    where = outputs["model"] or outputs["adapter"]
+    loss_text = (f"eval loss {eval_before:.3f} -> {eval_after:.3f}" if eval_after is not None and eval_before
+                 is not None else f"train loss {result.training_loss:.3f}")
+    metrics["summary"] = (f"{loss_text} in {wall:.0f}s ({metrics['steps']} steps, {len(train_ds)} rows, {fmt}); "
+                          f"{outputs['kind']} weights at {run.path / where}")
+    return metrics
