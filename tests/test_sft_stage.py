@@ -17,9 +17,9 @@ runner = CliRunner()
 def sft_run(tmp_path_factory, tiny_model, demo_data):
     run = tmp_path_factory.mktemp("sft") / "run"
     res = runner.invoke(app, ["sft", "--run-dir", str(run), "--model", str(tiny_model), "--dataset",
-                              str(demo_data["sft"]), "--max-steps", "60", "--batch-size", "16", "--lr", "3e-3",
-                              "--lora-r", "16", "--eval-fraction", "0.1", "--logging-steps", "10",
-                              "--save-steps", "30", "--json"], catch_exceptions=False)
+                              str(demo_data["sft"]), "--max-steps", "40", "--batch-size", "16", "--lr", "1e-2",
+                              "--lora-r", "16", "--eval-fraction", "0.05", "--logging-steps", "10",
+                              "--save-steps", "20", "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return run, res
 
@@ -30,8 +30,11 @@ def test_sft_lora_learns_and_writes_run_dir(sft_run):
     entry = manifest["stages"]["sft"]
     assert entry["status"] == "done"
     m = entry["metrics"]
-    # a random-init model starts near ln(vocab) ~ 7.6; 60 LoRA steps must cut the held-out loss by a clear margin
-    assert m["eval_loss"] < m["eval_loss_before"] - 1.0, m
+    # A random-init model predicts ~uniformly (loss ~ ln(vocab), token accuracy ~0). LoRA on a random base sharpens
+    # slowly, but 40 steps must still cut the held-out loss by a clear margin and make most next tokens right;
+    # a broken trainer (no gradient, wrong labels) stays at the start.
+    assert m["eval_loss"] < m["eval_loss_before"] - 0.5, m
+    assert m["eval_token_accuracy"] > 0.3, m
     assert entry["outputs"]["kind"] == "lora"
     assert (run / "sft" / "adapter" / "adapter_config.json").exists()
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").exists()

@@ -84,6 +84,15 @@ def stage_lifecycle(run, stage: str):
         raise
 
 
+def drop_printer(trainer) -> None:
+    """With disable_tqdm the Trainer prints every log dict to stdout; our progress bar and metrics.jsonl replace it
+    (and stdout must stay clean for --json)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
 def quiet_libraries() -> None:
     """Silence library chatter that is noise for a CLI user (warnings stay for real problems)."""
     import logging
@@ -92,6 +101,13 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars on every save
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
     logging.getLogger("datasets").setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)

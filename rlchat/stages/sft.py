@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from rlchat.errors import ConfigError
 
@@ -27,7 +28,8 @@ def run(cfg) -> dict:
     from rlchat.config import to_dict, to_yaml
     from rlchat.progress import TrainerProgress, console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
-    from rlchat.stages.common import last_complete_checkpoint, quiet_libraries, stage_lifecycle, trainer_args
+    from rlchat.stages.common import (drop_printer, last_complete_checkpoint, quiet_libraries, stage_lifecycle,
+                                      trainer_args)
 
     t_start = time.time()
     # 1. validate everything before the first write
@@ -73,6 +75,7 @@ def run(cfg) -> dict:
         progress = TrainerProgress(stage_dir / "metrics.jsonl", "sft")
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
+        drop_printer(trainer)
         trainable, total = models.count_parameters(trainer.model)
 
         before_path = stage_dir / "eval_before.json"
@@ -86,7 +89,8 @@ def run(cfg) -> dict:
         if resume_from is not None:
             console.print(f"[yellow]sft: resuming from {resume_from.name}[/]")
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        eval_after = trainer.evaluate().get("eval_loss") if eval_ds is not None else None
+        final_eval = trainer.evaluate() if eval_ds is not None else {}
+        eval_after = final_eval.get("eval_loss")
 
         # 3. write outputs atomically
         if cfg.full:
@@ -102,6 +106,7 @@ def run(cfg) -> dict:
         metrics = {
             "eval_loss": eval_after,
             "eval_loss_before": eval_before,
+            "eval_token_accuracy": final_eval.get("eval_mean_token_accuracy"),
             "train_loss": result.training_loss,
             "steps": trainer.state.global_step,
             "n_train": len(train_ds),
@@ -117,7 +122,8 @@ def run(cfg) -> dict:
             "adapter": None if cfg.full else "sft/adapter",
             "model": "sft/model" if cfg.full else None,
             "tokenizer": "sft/tokenizer",
-            "base_model": cfg.model,
+            # absolute for local bases, so later stages find it from any working directory
+            "base_model": str(Path(cfg.model).resolve()) if models.is_local(cfg.model) else cfg.model,
             "metrics": "sft/metrics.jsonl",
         }
         run.finish_stage("sft", metrics=metrics, outputs=outputs)
