@@ -65,9 +65,11 @@ STAGE_COMMANDS = {
 
 def fail(err: RlchatError) -> typing.NoReturn:
     """Print a user error as one line on stderr and exit with its code (2)."""
+    from rich.markup import escape
+
     from rlchat.progress import console
 
-    console.print(f"[bold red]error:[/] {err.one_line()}", soft_wrap=True, markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(err.one_line())}", soft_wrap=True, highlight=False)
     raise typer.Exit(err.exit_code)
 
 
@@ -152,6 +154,8 @@ def _stage_command(stage: str):
 
 def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool) -> dict:
     """Resolve the config, run the stage, print its summary (and JSON with --json)."""
+    from rich.markup import escape
+
     from rlchat.config import STAGE_CONFIGS, resolve
     from rlchat.progress import console
 
@@ -162,7 +166,7 @@ def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json
         fail(err)
     summary = result.get("summary") if isinstance(result, dict) else None
     if summary:
-        console.print(f"[bold green]{stage}:[/] {summary}", soft_wrap=True, highlight=False)
+        console.print(f"[bold green]{stage}:[/] {escape(summary)}", soft_wrap=True, highlight=False)
     if json_out:
         print(json.dumps(result, indent=1, default=str))
     return result

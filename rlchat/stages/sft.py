@@ -46,8 +46,8 @@ def run(cfg) -> dict:
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
     train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
     quiet_libraries()
+    model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
 
     # 2. train
     stage_dir = run.begin_stage(
