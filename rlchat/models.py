@@ -175,15 +175,19 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, dtype: Any = None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = str(spec)
+    path = None
     if is_local(spec):
         path = _check_local_dir(spec)
-        _check_model_files(spec, path)
+        if not (path / "config.json").is_file():
+            _check_model_files(spec, path)  # raises: an adapter directory, or not a model directory
         _check_remote_code(spec, path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(_load_path(spec), trust_remote_code=trust_remote_code)
     except Exception as err:
         raise _load_error(spec, err, "model") from None
-    _check_causal(spec, config, trust_remote_code)
+    _check_causal(spec, config, trust_remote_code)  # "not a causal LM" is the more useful message: check it first
+    if path is not None:
+        _check_model_files(spec, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(_load_path(spec), config=config, dtype=resolve_dtype(dtype),
                                                      use_safetensors=True, trust_remote_code=trust_remote_code)
