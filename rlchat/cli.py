@@ -113,6 +113,14 @@ def _stage_command(stage: str):
             annotation=Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout.",
                                                     rich_help_panel="Run")],
         ),
+        inspect.Parameter(
+            "dry_run",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--dry-run", help="Validate the settings and the dataset, print "
+                                                    "the plan; load no weights, write nothing.",
+                                                    rich_help_panel="Run")],
+        ),
     ]
     list_fields = set()
     for f in dataclasses.fields(cls):
@@ -136,6 +144,7 @@ def _stage_command(stage: str):
     def command(**kwargs):
         recipe = kwargs.pop("config")
         json_out = kwargs.pop("json_out")
+        dry_run = kwargs.pop("dry_run")
         overrides = {}
         for key, value in kwargs.items():
             if value is None:
@@ -143,7 +152,7 @@ def _stage_command(stage: str):
             if key in list_fields and isinstance(value, str) and "," in value:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
-        run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out)
+        run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out, dry_run)
 
     command.__signature__ = inspect.Signature(params)
     command.__name__ = name.replace("-", "_")
@@ -152,8 +161,9 @@ def _stage_command(stage: str):
                 epilog=f"Example: {example}")(command)
 
 
-def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool) -> dict:
-    """Resolve the config, run the stage, print its summary (and JSON with --json)."""
+def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool,
+              dry_run: bool = False) -> dict:
+    """Resolve the config, run the stage (or only plan it), print its summary (and JSON with --json)."""
     from rich.markup import escape
 
     from rlchat.config import STAGE_CONFIGS, resolve
@@ -161,6 +171,14 @@ def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json
 
     try:
         cfg = resolve(STAGE_CONFIGS[stage], stage, recipe, overrides)
+        if dry_run:
+            from rlchat.plan import plan_stage, print_plan
+
+            entry = plan_stage(stage, cfg)
+            print_plan([entry])
+            if json_out:
+                print(json.dumps(entry, indent=1, default=str))
+            return entry
         result = importlib.import_module(module).run(cfg)
     except RlchatError as err:
         fail(err)
@@ -204,6 +222,24 @@ def status(
     for row in summary_rows(manifest):
         table.add_row(*[str(x) for x in row])
     console.print(table)
+
+
+@app.command("plan", epilog="Example: rlchat plan recipes/qwen2.5-0.5b-instruct-rlhf.yaml")
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML to check.")],
+    run_dir: Annotated[Optional[str], typer.Option(help="Override the recipe's run_dir.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")] = False,
+):
+    """Dry-run a whole recipe: validate every setting and local dataset, count parameters, load no weights."""
+    from rlchat.plan import plan_recipe, print_plan
+
+    try:
+        entries = plan_recipe(str(recipe), {"run_dir": run_dir} if run_dir else None)
+    except RlchatError as err:
+        fail(err)
+    print_plan(entries)
+    if json_out:
+        print(json.dumps(entries, indent=1, default=str))
 
 
 @app.command("new-model", epilog="Example: rlchat new-model .demo/model --arch llama --size demo --corpus demo")

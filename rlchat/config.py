@@ -5,7 +5,8 @@ range rules (`gt`, `ge`, `lt`, `le`, `choices`, `required`) that `validate()` ch
 problem (unknown keys with a "did you mean", values of the wrong type, out-of-range values, cross-field rules such
 as PPO batch divisibility) and raises them together in one ConfigError, before anything is loaded or written.
 
-A recipe is YAML: top-level keys apply to every stage that has them; `sft:`, `reward:`, `ppo:` and `eval:`
+A recipe is YAML: top-level keys apply to every stage that has them (except `model`, the pipeline's base, which
+applies to sft only: later stages start from the run's SFT model); `sft:`, `reward:`, `ppo:` and `eval:`
 sections apply to one stage and win over the top level:
 
     model: ./tiny-model
@@ -457,6 +458,11 @@ def _unknown_key(key: str, where: str, valid: list[str], listed: set[str]) -> st
     return msg
 
 
+# Top-level recipe keys that apply to some stages only. `model` is the pipeline's base model: sft starts from it;
+# train-reward and ppo start from the run's SFT model unless their own section (or --model) names another one.
+TOP_LEVEL_ONLY_FOR = {"model": ("sft",)}
+
+
 def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None,
             overrides: dict[str, Any] | None = None):
     """The config for `stage`: defaults < recipe top level < recipe[stage] section < overrides (None = not given).
@@ -478,7 +484,7 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
         for key, val in data.items():
             if key in STAGE_CONFIGS:
                 continue
-            if key in names:
+            if key in names and stage in TOP_LEVEL_ONLY_FOR.get(key, (stage,)):
                 given[key] = (val, top)
             elif key not in all_keys:
                 problems.append(_unknown_key(key, top, all_keys + list(STAGE_CONFIGS), listed))
