@@ -58,7 +58,7 @@ STAGE_COMMANDS = {
         "eval",
         "rlchat.stages.evaluate",
         "Generate with every policy in the run, score, compare (win rates, KL), write report and plots.",
-        "rlchat eval --run-dir runs/demo --dataset .demo/data/heldout.jsonl --judge rlchat.demo.task:judge",
+        "rlchat eval --run-dir runs/demo --dataset .demo/data/eval_prompts.jsonl --judge rlchat.demo.task:judge",
     ),
 }
 
@@ -240,6 +240,66 @@ def plan(
     print_plan(entries)
     if json_out:
         print(json.dumps(entries, indent=1, default=str))
+
+
+@app.command("export", epilog="Example: rlchat export runs/demo exported/demo-ppo --stage ppo")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
+    out: Annotated[Path, typer.Argument(help="Directory for the standalone model (new or empty).")],
+    stage: Annotated[str, typer.Option(help="Which policy: ppo (SFT and PPO adapters merged) or sft.")] = "ppo",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT (swapped in only once complete).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
+):
+    """Merge a stage's LoRA adapters into the base and write a standalone model + tokenizer (safetensors) that
+    AutoModelForCausalLM.from_pretrained, vLLM and TGI load."""
+    from rlchat.progress import console
+
+    try:
+        from rlchat.export import export
+
+        path = export(run_dir, stage, out, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    except RlchatError as err:
+        fail(err)
+    console.print(f"[bold green]export:[/] {stage} policy merged and written to {path}")
+
+
+@app.command("chat", epilog='Example: rlchat chat runs/demo --stage ppo --prompt "Tell me about the red apple."')
+def chat_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
+    stage: Annotated[str, typer.Option(help="Which policy: ppo or sft.")] = "ppo",
+    prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (else interactive).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling; 1 = off.")] = 1.0,
+    system: Annotated[Optional[str], typer.Option(help="System message at the start of the chat.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
+):
+    """Talk to a run's policy: interactive multi-turn chat with streamed tokens (/reset, /exit), or one answer
+    with --prompt (printed on stdout)."""
+    try:
+        from rlchat.export import chat
+
+        chat(run_dir, stage, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_p=top_p, system=system, seed=seed, trust_remote_code=trust_remote_code)
+    except RlchatError as err:
+        fail(err)
+
+
+@app.command("report", epilog="Example: rlchat report runs/demo")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="The run directory.")]):
+    """(Re)draw the training plots and report.md from a run directory's metrics (eval writes them too)."""
+    from rlchat.progress import console
+
+    try:
+        from rlchat.report import render
+
+        out = render(run_dir)
+    except RlchatError as err:
+        fail(err)
+    for name, path in out.get("plots", {}).items():
+        console.print(f"  {name}: {path}")
+    console.print(f"[bold green]report:[/] {out.get('report_md')}")
 
 
 @app.command("new-model", epilog="Example: rlchat new-model .demo/model --arch llama --size demo --corpus demo")

@@ -290,8 +290,8 @@ class EvalConfig(RunConfig):
                                                             "directory or a Hub id); None = the run's PPO prompts")
     max_prompts: int | None = _f(None, "evaluate on at most this many prompts; None = all", gt=0)
     include_base: bool = _f(False, "also evaluate the base model the run started from")
-    judge: str | None = _f(None, "what judges win rates: None = the run's reward model; or a Python function "
-                                 "'module:function' / 'path/file.py:function'")
+    judge: str | None = _f(None, "optional Python judge 'module:function' or 'path/file.py:function' "
+                                 "(f(prompts, completions) -> list[float]), scored alongside the run's reward model")
     max_new_tokens: int = _f(64, "maximum new tokens generated per response", gt=0)
     temperature: float = _f(0.0, "sampling temperature; 0 = greedy decoding", ge=0)
     top_p: float = _f(1.0, "nucleus sampling; 1 = off", gt=0, le=1)

@@ -14,7 +14,8 @@ from rlchat.cli import app
 from tests.conftest import snapshot
 
 runner = CliRunner()
-COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "demo-data"]
+COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "demo-data", "plan", "export", "chat",
+            "report"]
 
 
 def invoke(*args):

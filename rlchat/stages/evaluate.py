@@ -7,7 +7,8 @@ What it does, in order:
      Nothing is written to the run directory before all of this passed.
   2. generate: every policy answers every prompt with the same decoding settings (greedy by default; sampling when
      --temperature > 0, with --top-p), batched with left padding. The SFT and PPO policies share one model in
-     memory: the SFT-merged base with the PPO LoRA adapter on top, switched off for SFT.
+     memory: the SFT-merged base with the PPO LoRA adapter on top, switched off for SFT. `--include-base` loads
+     the base checkpoint a second time (the first copy has the SFT adapter merged into its weights).
   3. KL to the reference policy (the SFT policy, PPO's reference): for each response y of a policy pi,
      sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] over the response tokens (EOS included), at
      temperature 1 (the models' own distributions), averaged over prompts. This is the k1 estimate on the policy's
@@ -309,6 +310,36 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
     return model, False
 
 
+def load_ppo_policy(run, sft_model, trust_remote_code: bool = False):
+    """(model, shared) of the run's finished PPO policy (see `attach_ppo`).
+
+    PPO records the base its adapter sits on (outputs.base: "sft" or a --model spec, and base_hash). On "sft" the
+    adapter goes on `sft_model`, after checking that the SFT weights are the ones PPO trained on; on another base,
+    that model is loaded and the adapter goes on it (a second model in memory).
+    """
+    from rlchat.errors import ModelError
+    from rlchat.stages.reward import load_base_causal, resolve_base
+
+    rec = run.record("ppo") or {}
+    outputs = rec.get("outputs") or {}
+    policy_dir = ppo_policy_dir(run, rec)
+    if not (policy_dir / "adapter_config.json").is_file():  # a full model (--full): no base needed
+        return attach_ppo(sft_model, policy_dir, trust_remote_code)
+    name = outputs.get("base") or "sft"
+    base = resolve_base(run, None if name == "sft" else name)
+    recorded = outputs.get("base_hash")
+    if recorded and base.hash and base.hash != recorded:
+        what = "the run's SFT model" if name == "sft" else f"the model at {name}"
+        raise ModelError(f"the PPO adapter in {policy_dir} was trained on a different version of {what} "
+                         f"(hash {recorded[:19]}..., now {base.hash[:19]}...)",
+                         f"rerun ppo: rlchat ppo --run-dir {run.path} --overwrite")
+    if name == "sft":
+        return attach_ppo(sft_model, policy_dir, trust_remote_code)
+    other, _ = load_base_causal(run, base, trust_remote_code)
+    model, _ = attach_ppo(other, policy_dir, trust_remote_code)
+    return model, False
+
+
 def base_model_spec(run) -> str:
     """The base model the SFT stage started from (manifest sft outputs.base_model or config.model)."""
     from rlchat import models
@@ -434,6 +465,10 @@ def run(cfg) -> dict:
                           f"train one first: rlchat sft --run-dir {run.path} --model ... --dataset ...")
     run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
     policies = choose_policies(run, cfg)
+    ppo_rec = run.record("ppo")
+    if ppo_rec and "ppo" not in policies and not cfg.policies:
+        console.print(f"[yellow]eval: the ppo stage is {ppo_rec.get('status')}, so only its SFT policy is "
+                      f"evaluated[/]", highlight=False)
     prompts, dataset_spec = load_prompts(cfg, run)
     judge = None
     if cfg.judge:
@@ -449,7 +484,7 @@ def run(cfg) -> dict:
     sft_model, tokenizer = models.load_sft_policy(run.path, trust_remote_code=cfg.trust_remote_code, device=device)
     ppo_model, shared = None, False
     if "ppo" in policies:
-        ppo_model, shared = attach_ppo(sft_model, ppo_policy_dir(run, run.record("ppo")), cfg.trust_remote_code)
+        ppo_model, shared = load_ppo_policy(run, sft_model, cfg.trust_remote_code)
         ppo_model.to(device)
     base_model = None
     if "base" in policies:
@@ -466,7 +501,9 @@ def run(cfg) -> dict:
         inputs["judge"] = {"spec": cfg.judge}
     stage_dir = run.begin_stage("eval", config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
     with stage_lifecycle(run, "eval"):
+        # 2-4. generate, KL to the reference, scores
         results = evaluate_policies(pol, policies, prompts, cfg, rm, judge, console)
+        # 5. per-policy metrics and win rates; responses.jsonl and report.json
         report = build_report(run, cfg, policies, prompts, results, dataset_spec, has_rm=rm is not None)
         write_outputs(stage_dir, prompts, policies, results, report)
         # 6. report.md and the plots (render reads report.json and responses.jsonl back), then report.json again

@@ -1,0 +1,413 @@
+"""The run's report: training curves as PNG plots and RUN/eval/report.md, from what the stages wrote.
+
+`render(run_dir)` reads the run directory and (re)writes, all atomically, in RUN/eval/:
+
+    sft_loss.png            SFT train and held-out loss vs optimizer step      (RUN/sft/metrics.jsonl)
+    reward_training.png     reward model loss and pairwise accuracy vs step    (RUN/reward/metrics.jsonl)
+    ppo_training.png        PPO score/reward, KL, response length, value loss  (RUN/ppo/metrics.jsonl)
+    score_distribution.png  histograms of each policy's eval scores            (RUN/eval/responses.jsonl)
+    report.md               stage table, eval tables (when RUN/eval/report.json exists), the plots, samples
+
+A plot whose input is missing is skipped (listed under "skipped" in the returned dict). It works on its own, on a
+run that has only trained (no eval yet): then report.md holds the stage table and the training curves.
+`rlchat eval` calls it after writing report.json and responses.jsonl.
+
+Plots use matplotlib's Figure API with the Agg canvas (no pyplot, no display, no global state).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rlchat.errors import RunDirError
+
+PLOTS = ("sft_loss", "reward_training", "ppo_training", "score_distribution")
+POLICY_COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "ppo": "#d62728"}
+SAMPLES_IN_REPORT = 4
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a .jsonl file; [] if it is missing. A torn last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(rows: list[dict], *keys: str) -> tuple[list[float], list[float], str | None]:
+    """(steps, values, key) of the first key in `keys` that some rows have as a finite number."""
+    for key in keys:
+        pts = [(r.get("step"), r[key]) for r in rows if _num(r.get(key)) and _num(r.get("step"))]
+        if pts:
+            return [p[0] for p in pts], [p[1] for p in pts], key
+    return [], [], None
+
+
+def stage_metrics(run, stage: str) -> list[dict]:
+    """The metrics.jsonl rows of a stage (path from the manifest's outputs.metrics, else RUN/<stage>/metrics.jsonl)."""
+    rec = run.record(stage) or {}
+    rel = (rec.get("outputs") or {}).get("metrics") or f"{stage}/metrics.jsonl"
+    path = run.path / rel
+    if not path.is_file():
+        path = run.stage_dir(stage) / "metrics.jsonl"
+    return read_jsonl(path)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def _save(fig, path: Path) -> Path:
+    """Save a figure as PNG atomically (tmp file in the same directory + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average over what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _line(ax, steps, values, label, color=None, smooth=False, marker=None):
+    """A metric curve; with smooth and many points, the raw values faint and a moving average on top."""
+    if smooth and len(values) >= 20:
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+        ax.plot(steps, _smooth(values, max(5, len(values) // 20)), color=color, linewidth=2,
+                label=f"{label} (moving average)")
+    else:
+        ax.plot(steps, values, color=color, linewidth=1.8, marker=marker, markersize=4, label=label)
+
+
+def _integer_steps(*axes):
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _no_data(ax, what: str):
+    ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def plot_sft(rows: list[dict], path: Path) -> Path | None:
+    train = series(rows, "loss", "train/loss")
+    evl = series(rows, "eval_loss", "eval/loss")
+    if not train[0] and not evl[0]:
+        return None
+    fig, (ax,) = _figure()
+    if train[0]:
+        _line(ax, train[0], train[1], "train loss", color="#1f77b4", smooth=True)
+    if evl[0]:
+        _line(ax, evl[0], evl[1], "held-out loss", color="#ff7f0e", marker="o")
+    ax.set_title("SFT: cross-entropy loss on the assistant tokens")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    _integer_steps(ax)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_reward(rows: list[dict], path: Path) -> Path | None:
+    loss = series(rows, "loss", "train/loss")
+    eval_loss = series(rows, "eval_loss", "eval/loss")
+    acc = series(rows, "accuracy", "train/accuracy", "rewards/accuracies")
+    eval_acc = series(rows, "eval_accuracy", "eval/accuracy", "eval_rewards/accuracies")
+    if not any(s[0] for s in (loss, eval_loss, acc, eval_acc)):
+        return None
+    fig, (ax1, ax2) = _figure(ncols=2, width=11, height=4.2)
+    if loss[0]:
+        _line(ax1, loss[0], loss[1], "train loss", color="#1f77b4", smooth=True)
+    if eval_loss[0]:
+        _line(ax1, eval_loss[0], eval_loss[1], "held-out loss", color="#ff7f0e", marker="o")
+    if not loss[0] and not eval_loss[0]:
+        _no_data(ax1, "loss")
+    ax1.set_title("Reward model: pairwise loss -log sigmoid(r_chosen - r_rejected)", fontsize=10)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("loss (nats per pair)")
+    if acc[0]:
+        _line(ax2, acc[0], acc[1], "train accuracy", color="#1f77b4", smooth=True)
+    if eval_acc[0]:
+        _line(ax2, eval_acc[0], eval_acc[1], "held-out accuracy", color="#ff7f0e", marker="o")
+    if not acc[0] and not eval_acc[0]:
+        _no_data(ax2, "accuracy")
+    ax2.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance (0.5)")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("Reward model: accuracy (chosen scored above rejected)", fontsize=10)
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("fraction of pairs")
+    _integer_steps(ax1, ax2)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save(fig, path)
+
+
+def plot_ppo(rows: list[dict], path: Path) -> Path | None:
+    score = series(rows, "objective/scores", "scores/mean", "score/mean")
+    reward = series(rows, "objective/rewards", "rewards/mean")
+    kl = series(rows, "objective/kl", "kl/mean")
+    length = series(rows, "response/length", "response_length")
+    vloss = series(rows, "loss/value", "value_loss")
+    if not any(s[0] for s in (score, reward, kl, length, vloss)):
+        return None
+    fig, axes = _figure(ncols=2, nrows=2, width=11, height=7.5)
+    ax_s, ax_k, ax_l, ax_v = axes
+    if score[0]:
+        _line(ax_s, score[0], score[1], "score (reward model / reward fn)", color="#2ca02c", smooth=True)
+    if reward[0]:
+        _line(ax_s, reward[0], reward[1], "reward (score - KL penalty)", color="#9467bd", smooth=True)
+    if not score[0] and not reward[0]:
+        _no_data(ax_s, "score")
+    ax_s.set_title("PPO: score and reward per response")
+    ax_s.set_ylabel("score (PPO score units)")
+    if kl[0]:
+        _line(ax_k, kl[0], kl[1], "KL(policy || reference)", color="#d62728", smooth=True)
+    else:
+        _no_data(ax_k, "KL")
+    ax_k.set_title("PPO: KL to the reference (SFT) policy")
+    ax_k.set_ylabel("KL per response (nats)")
+    if length[0]:
+        _line(ax_l, length[0], length[1], "mean response length", color="#8c564b", smooth=True)
+    else:
+        _no_data(ax_l, "response length")
+    ax_l.set_title("PPO: response length")
+    ax_l.set_ylabel("length (tokens)")
+    if vloss[0]:
+        _line(ax_v, vloss[0], vloss[1], "value loss", color="#17becf", smooth=True)
+    else:
+        _no_data(ax_v, "value loss")
+    ax_v.set_title("PPO: value-function loss")
+    ax_v.set_ylabel("loss (squared error, score units²)")
+    _integer_steps(*axes)
+    for ax in axes:
+        ax.set_xlabel("PPO step (one batch of rollouts)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_scores(responses: list[dict], path: Path) -> Path | None:
+    """Histograms of each policy's reward-model and judge scores on the eval prompts."""
+    if not responses:
+        return None
+    names = [n for n in ("base", "sft", "ppo") if n in responses[0].get("policies", {})]
+    names += [n for n in responses[0].get("policies", {}) if n not in names]
+    panels = []
+    for key, title, unit in (("reward", "reward-model score", "score (reward-model units)"),
+                             ("judge", "judge score", "score (judge units)")):
+        data = {n: [r["policies"][n][key] for r in responses if _num(r["policies"].get(n, {}).get(key))]
+                for n in names}
+        if any(data.values()):
+            panels.append((title, unit, data))
+    if not panels:
+        return None
+    fig, axes = _figure(ncols=len(panels), width=5.8 * len(panels), height=4.2)
+    n = len(responses)
+    for ax, (title, unit, data) in zip(axes, panels):
+        values = [v for vs in data.values() for v in vs]
+        lo, hi = min(values), max(values)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = [lo + (hi - lo) * i / 20 for i in range(21)]
+        for name, vs in data.items():
+            if not vs:
+                continue
+            mean = sum(vs) / len(vs)
+            color = POLICY_COLORS.get(name)
+            ax.hist(vs, bins=bins, alpha=0.45, color=color, edgecolor=color,
+                    label=f"{name}: mean {mean:.3g} (dashed line)")
+            ax.axvline(mean, color=color, linestyle="--", linewidth=1.5)
+        ax.set_title(f"Eval: {title} per response ({n} prompts)")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("responses (count)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # headroom so the legend does not cover the bars
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    """Text for a markdown table cell: one line, pipes escaped, shortened."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return text.replace("|", "\\|") or "*(empty)*"
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+
+
+def markdown(run, manifest: dict, report: dict | None, responses: list[dict], plots: dict[str, Path]) -> str:
+    from rlchat.rundir import summary_rows
+
+    out = [f"# rlchat report: {run.path}", ""]
+    if report:
+        s = report.get("settings", {})
+        decoding = ("greedy decoding" if s.get("decoding") == "greedy" else
+                    f"sampling at temperature {s.get('temperature')}, top-p {s.get('top_p')}")
+        out += [f"**{report.get('summary', '')}**", "",
+                f"{s.get('n_prompts')} prompts from `{s.get('dataset')}`, {decoding}, at most "
+                f"{s.get('max_new_tokens')} new tokens. Reference policy for KL: `{s.get('reference', 'sft')}`. "
+                f"Reward model: {'the run' + chr(39) + 's' if s.get('reward_model') else 'none'}; judge: "
+                f"{'`' + s['judge'] + '`' if s.get('judge') else 'none'}.", ""]
+    out += ["## Stages", "", "| stage | status | key metric | time |", "|---|---|---|---|"]
+    for row in summary_rows(manifest):
+        if row[0] == "eval" and row[1] == "running":
+            continue  # the eval stage that is writing this report
+        out.append("| " + " | ".join(_cell(x, 80) for x in row) + " |")
+    out.append("")
+
+    if report:
+        out += ["## Policies", "",
+                "| policy | reward model (mean ± std) | judge (mean ± std) | KL to sft (nats) | length (tokens) "
+                "| EOS rate | distinct-1 | distinct-2 | n |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, m in report.get("policies", {}).items():
+            rm = "–" if m.get("mean_reward") is None else f"{m['mean_reward']:.3f} ± {m['std_reward']:.3f}"
+            jd = "–" if m.get("mean_judge") is None else f"{m['mean_judge']:.3f} ± {m['std_judge']:.3f}"
+            out.append(f"| {name} | {rm} | {jd} | {_fmt(m.get('kl_to_ref'))} | {_fmt(m.get('mean_length'), 1)} | "
+                       f"{_fmt(m.get('eos_rate'), 2)} | {_fmt(m.get('distinct_1'))} | {_fmt(m.get('distinct_2'))} | "
+                       f"{m.get('n')} |")
+        out.append("")
+        comps = report.get("comparisons") or []
+        if comps:
+            out += ["## Win rates", "",
+                    "Per prompt: a win counts 1, a tie 0.5. 95% Wilson score intervals.", "",
+                    "| comparison | by reward model | 95% CI | by judge | 95% CI | n |",
+                    "|---|---|---|---|---|---|"]
+            for c in comps:
+                out.append(f"| {c['a']} over {c['b']} | {_fmt(c.get('win_rate_reward'))} | {_ci(c.get('ci_reward'))} | "
+                           f"{_fmt(c.get('win_rate_judge'))} | {_ci(c.get('ci_judge'))} | {c.get('n')} |")
+            out.append("")
+
+    titles = {"sft_loss": "SFT loss", "reward_training": "Reward model training", "ppo_training": "PPO training",
+              "score_distribution": "Eval score distribution"}
+    if plots:
+        out += ["## Plots", ""]
+        for key in PLOTS:
+            if key in plots:
+                out += [f"### {titles[key]}", "", f"![{titles[key]}]({Path(plots[key]).name})", ""]
+
+    if responses:
+        names = list(responses[0].get("policies", {}))
+        out += ["## Sample responses", "",
+                f"The first {min(SAMPLES_IN_REPORT, len(responses))} of {len(responses)} prompts "
+                f"(all in `responses.jsonl`).", ""]
+        for row in responses[:SAMPLES_IN_REPORT]:
+            out += [f"**Prompt {row.get('index', 0) + 1}:** {_cell(row.get('prompt', ''), 500)}", "",
+                    "| policy | response | reward | judge | tokens |", "|---|---|---|---|---|"]
+            for name in names:
+                p = row["policies"].get(name, {})
+                out.append(f"| {name} | {_cell(p.get('response', ''))} | {_fmt(p.get('reward'))} | "
+                           f"{_fmt(p.get('judge'))} | {_fmt(p.get('length'))} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- render
+
+
+def render(run_dir) -> dict:
+    """Write the plots and report.md into RUN/eval/; returns {"report_md", "plots": {name: path}, "skipped":
+    {name: reason}}. RunDirError if RUN has no manifest."""
+    from rlchat.rundir import RunDir, atomic_write_text
+
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise RunDirError(f"no run at {run.path} (no run.json)", "pass a run directory that a stage has written")
+    manifest = run.manifest()
+    out_dir = run.stage_dir("eval")
+    report = None
+    if (out_dir / "report.json").is_file():
+        try:
+            report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"{out_dir / 'report.json'} is not valid JSON: {err}",
+                              f"rerun `rlchat eval --run-dir {run.path} --overwrite`") from None
+    responses = read_jsonl(out_dir / "responses.jsonl")
+
+    plots: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    jobs = (
+        ("sft_loss", "sft", lambda p: plot_sft(stage_metrics(run, "sft"), p)),
+        ("reward_training", "reward", lambda p: plot_reward(stage_metrics(run, "reward"), p)),
+        ("ppo_training", "ppo", lambda p: plot_ppo(stage_metrics(run, "ppo"), p)),
+        ("score_distribution", "eval", lambda p: plot_scores(responses, p)),
+    )
+    stages = manifest.get("stages", {})
+    for name, stage, job in jobs:
+        if stage != "eval" and stage not in stages:
+            skipped[name] = f"the run has no {stage} stage"
+            continue
+        path = job(out_dir / f"{name}.png")
+        if path is None:
+            skipped[name] = ("no scores in responses.jsonl" if stage == "eval"
+                             else f"no metrics in RUN/{stage}/metrics.jsonl")
+        else:
+            plots[name] = str(path)
+    md_path = out_dir / "report.md"
+    atomic_write_text(md_path, markdown(run, manifest, report, responses, {k: Path(v) for k, v in plots.items()}))
+    return {"report_md": str(md_path), "plots": plots, "skipped": skipped}

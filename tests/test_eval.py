@@ -1,0 +1,522 @@
+"""`rlchat eval`, the report and plots, `export` and `chat`, on a tiny run built once for the module.
+
+The run: a tiny random-init Llama, a short SFT (LoRA) and reward-model stage through the CLI, and a stand-in PPO
+stage: a LoRA adapter with random non-zero B weights on the SFT-merged model, saved where the PPO stage saves its
+policy (RUN/ppo/policy) with a manifest entry and a synthetic metrics.jsonl. The checks recompute what the report
+claims (a win rate and its Wilson interval from responses.jsonl; a KL from our own unbatched forward passes with
+separately loaded models) instead of trusting the code under test.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlchat.cli import app
+from tests.conftest import snapshot
+
+runner = CliRunner()
+N_PROMPTS = 10
+MAX_NEW = 20
+JUDGE = "rlchat.demo.task:judge"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+
+
+def test_wilson_interval_matches_known_values():
+    from rlchat.stages.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(0.8, 10)          # 8 of 10: the textbook Wilson interval is [0.490, 0.943]
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(0.5, 16)          # symmetric around 0.5; half width z*sqrt(.25/16+z²/4n²)/(1+z²/n)
+    assert lo == pytest.approx(0.2800, abs=1e-4) and hi == pytest.approx(0.7200, abs=1e-4)
+    lo, hi = wilson_interval(1.0, 5)           # all wins: upper bound 1, lower bound n/(n+z²) = 0.5655
+    assert hi == 1.0 and lo == pytest.approx(5 / (5 + 1.959964 ** 2), abs=1e-4)
+
+
+def test_win_rate_counts_ties_as_half():
+    from rlchat.stages.evaluate import win_rate
+
+    w = win_rate([1.0, 0.5, 0.2, 0.7], [0.0, 0.5, 0.9, 0.1])   # win, tie, loss, win -> (2 + 0.5) / 4
+    assert w["win_rate"] == 0.625 and (w["wins"], w["ties"], w["losses"], w["n"]) == (2, 1, 1, 4)
+    assert w["ci"][0] < 0.625 < w["ci"][1]
+
+
+def test_distinct_n_by_hand():
+    from rlchat.stages.evaluate import distinct_n
+
+    texts = ["the cat sat", "the cat ran"]   # unigrams: 6 total, {the, cat, sat, ran} = 4; bigrams: 4 total, 3 unique
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n(["", "one"], 2) == 0.0
+
+
+def test_batched_logprobs_and_generation_match_unpadded_with_absolute_positions():
+    """GPT-2 has absolute position embeddings, so left padding shifts positions unless position_ids count real
+    tokens only (RoPE models hide such a bug: a constant shift leaves q.k unchanged)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig
+
+    from rlchat.stages.evaluate import generate, sequence_logprobs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    responses = [[11, 12], [13], [14, 15, 16, 17]]
+    batched = sequence_logprobs(model, prompts, responses, pad_id=0)
+    for p, r, got in zip(prompts, responses, batched):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], dim=-1)
+        want = sum(logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(r))
+        assert got == pytest.approx(want, abs=1e-4)
+    gen = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=[49])
+    got, _ = generate(model, SimpleNamespace(pad_token_id=0), prompts, gen, [49])
+    for p, resp in zip(prompts, got):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([p]), generation_config=gen)
+        assert resp == out[0, len(p):].tolist()[:len(resp)]
+
+
+def test_judge_loader_errors_are_one_line_config_errors(tmp_path):
+    from rlchat.errors import ConfigError
+    from rlchat.stages.evaluate import call_judge, load_judge
+
+    with pytest.raises(ConfigError, match="judge module 'no_such_module_xyz'"):
+        load_judge("no_such_module_xyz:judge")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        load_judge("rlchat.demo.task:nope")
+    with pytest.raises(ConfigError, match="must look like"):
+        load_judge("rlchat.demo.task")
+    bad = tmp_path / "bad_judge.py"
+    bad.write_text("def judge(prompts, completions):\n    return [0.0]\n")
+    fn = load_judge(f"{bad}:judge")
+    with pytest.raises(ConfigError, match="returned 1 values for 2 completions") as err:
+        call_judge(fn, f"{bad}:judge", ["a", "b"], ["x", "y"])
+    assert "--reward-fn" not in str(err.value) and "\n" not in str(err.value)
+    nan = tmp_path / "nan_judge.py"
+    nan.write_text("def judge(prompts, completions):\n    return [float('nan')] * len(completions)\n")
+    with pytest.raises(ConfigError, match="non-finite"):
+        call_judge(load_judge(f"{nan}:judge"), "nan", ["a"], ["x"])
+
+
+# --------------------------------------------------------------------- report.render on a synthetic run
+
+
+def _fake_stage(run, stage, rows, parent=None, outputs=None):
+    from rlchat.rundir import append_jsonl
+
+    d = run.begin_stage(stage, config={}, inputs={}, parent=parent, overwrite=True)
+    for row in rows:
+        append_jsonl(d / "metrics.jsonl", row)
+    run.finish_stage(stage, metrics={}, outputs=outputs or {"metrics": f"{stage}/metrics.jsonl"})
+    return d
+
+
+def test_render_on_its_own_skips_missing_stages(tmp_path):
+    """No model needed: the plots and report.md come from metrics.jsonl files alone; missing stages are skipped."""
+    from rlchat import report
+    from rlchat.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    rng = random.Random(0)
+    sft_rows = [{"step": s, "loss": 7 * math.exp(-s / 30) + rng.random() * 0.1} for s in range(1, 101, 5)]
+    sft_rows += [{"step": s, "eval_loss": 7 * math.exp(-s / 30) + 0.2} for s in (0, 50, 100)]
+    _fake_stage(run, "sft", sft_rows)
+    out = report.render(run.path)
+    assert set(out["plots"]) == {"sft_loss"}
+    assert set(out["skipped"]) == {"reward_training", "ppo_training", "score_distribution"}
+    png = Path(out["plots"]["sft_loss"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = Path(out["report_md"]).read_text()
+    assert "![SFT loss](sft_loss.png)" in md and "| sft | done |" in md
+    assert not list(png.parent.glob(".*tmp*"))  # atomic writes leave no tmp files behind
+
+    ppo_rows = [{"step": s, "objective/scores": s / 10, "objective/kl": s / 20} for s in range(1, 11)]
+    _fake_stage(run, "ppo", ppo_rows, parent="sft")
+    out = report.render(run.path)
+    assert "ppo_training" in out["plots"]   # a partial set of PPO keys still plots (the rest say "no ... logged")
+
+
+# ------------------------------------------------------------------------------------------- the tiny run
+
+
+def make_fake_ppo(run_path: Path) -> None:
+    """A stand-in for the PPO stage: a LoRA policy adapter with random non-zero B on the SFT-merged model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rlchat import models
+    from rlchat.rundir import RunDir, append_jsonl, atomic_dir
+
+    run = RunDir(run_path)
+    model, _ = models.load_sft_policy(run.path)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    d = run.begin_stage("ppo", config={"fake": True}, inputs={}, parent="sft", overwrite=False)
+    with atomic_dir(d / "policy") as tmp:
+        peft_model.save_pretrained(tmp)
+    rng = random.Random(0)
+    for s in range(1, 41):
+        append_jsonl(d / "metrics.jsonl", {
+            "step": s, "objective/scores": 0.3 + 0.5 * (1 - math.exp(-s / 15)) + rng.gauss(0, 0.05),
+            "objective/rewards": 0.25 + 0.45 * (1 - math.exp(-s / 15)) + rng.gauss(0, 0.05),
+            "objective/kl": 2 * (1 - math.exp(-s / 20)) + rng.gauss(0, 0.1),
+            "response/length": 20 - 5 * (1 - math.exp(-s / 20)) + rng.gauss(0, 1),
+            "loss/value": 0.5 * math.exp(-s / 10) + abs(rng.gauss(0, 0.02))})
+    from rlchat.stages.reward import resolve_base
+
+    run.finish_stage("ppo", metrics={"objective/scores": 0.8},   # the outputs the real PPO stage records
+                     outputs={"kind": "lora", "policy": "ppo/policy", "metrics": "ppo/metrics.jsonl",
+                              "base": "sft", "base_hash": resolve_base(run, None).hash})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model, demo_data):
+    """RUN with sft (LoRA) + reward + stand-in ppo, before eval; and a copy with only sft."""
+    base = tmp_path_factory.mktemp("eval")
+    run = base / "run"
+    res = invoke("sft", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["sft"], "--max-steps", 20,
+                 "--batch-size", 16, "--lr", "3e-3", "--eval-fraction", "0.02", "--logging-steps", 5)
+    assert res.exit_code == 0, res.output
+    sft_only = base / "sft-only"
+    shutil.copytree(run, sft_only)
+    res = invoke("train-reward", "--run-dir", run, "--dataset", demo_data["pairs"], "--max-steps", 6,
+                 "--batch-size", 8, "--eval-fraction", "0.02", "--logging-steps", 2)
+    assert res.exit_code == 0, res.output
+    make_fake_ppo(run)
+    return {"run": run, "sft_only": sft_only, "prompts": demo_data["eval_prompts"]}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run):
+    run = trained_run["run"]
+    res = invoke("eval", "--run-dir", run, "--dataset", trained_run["prompts"], "--judge", JUDGE,
+                 "--max-prompts", N_PROMPTS, "--max-new-tokens", MAX_NEW, "--batch-size", 4, "--include-base",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout[res.stdout.index("{"):])
+    return {**trained_run, "printed": printed, "report": json.loads((run / "eval" / "report.json").read_text()),
+            "rows": read_jsonl(run / "eval" / "responses.jsonl")}
+
+
+@pytest.mark.slow
+def test_report_json_schema_and_values_from_responses(evaluated):
+    rep, rows = evaluated["report"], evaluated["rows"]
+    assert set(rep) >= {"policies", "comparisons", "settings", "summary"}
+    assert list(rep["policies"]) == ["base", "sft", "ppo"]
+    assert len(rows) == N_PROMPTS and rep["settings"]["n_prompts"] == N_PROMPTS
+    assert rep["settings"]["decoding"] == "greedy" and rep["settings"]["max_new_tokens"] == MAX_NEW
+    keys = {"mean_reward", "std_reward", "mean_judge", "std_judge", "kl_to_ref", "mean_length", "eos_rate",
+            "distinct_1", "distinct_2", "n"}
+    for name, m in rep["policies"].items():
+        assert set(m) >= keys, name
+        per = [r["policies"][name] for r in rows]
+        assert m["n"] == N_PROMPTS
+        assert m["mean_reward"] == pytest.approx(sum(p["reward"] for p in per) / N_PROMPTS)
+        assert m["mean_judge"] == pytest.approx(sum(p["judge"] for p in per) / N_PROMPTS)
+        assert m["std_judge"] == pytest.approx(
+            math.sqrt(sum((p["judge"] - m["mean_judge"]) ** 2 for p in per) / (N_PROMPTS - 1)))
+        assert m["kl_to_ref"] == pytest.approx(sum(p["kl"] for p in per) / N_PROMPTS)
+        assert m["mean_length"] == pytest.approx(sum(p["length"] for p in per) / N_PROMPTS)
+        assert m["eos_rate"] == pytest.approx(sum(p["eos"] for p in per) / N_PROMPTS)
+        assert all(1 <= p["length"] <= MAX_NEW for p in per)
+        assert all(p["length"] == MAX_NEW for p in per if not p["eos"])  # no EOS -> it ran to the limit
+        assert 0 <= m["distinct_1"] <= 1 and 0 <= m["distinct_2"] <= 1
+    assert rep["policies"]["sft"]["kl_to_ref"] == 0.0
+    assert rep["policies"]["ppo"]["kl_to_ref"] != 0.0  # the adapter's B weights are non-zero
+    pairs = [(c["a"], c["b"]) for c in rep["comparisons"]]
+    assert pairs == [("ppo", "sft"), ("ppo", "base"), ("sft", "base")]
+    for c in rep["comparisons"]:
+        assert set(c) >= {"a", "b", "win_rate_reward", "win_rate_judge", "ci_reward", "ci_judge", "n"}
+    # --json printed the same report plus a summary line
+    printed = evaluated["printed"]
+    assert printed["policies"] == rep["policies"] and "ppo" in printed["summary"] and "KL" in printed["summary"]
+
+
+@pytest.mark.slow
+def test_win_rate_recomputed_from_responses(evaluated):
+    rep, rows = evaluated["report"], evaluated["rows"]
+    z = 1.959963984540054
+    for key in ("judge", "reward"):
+        a = [r["policies"]["ppo"][key] for r in rows]
+        b = [r["policies"]["sft"][key] for r in rows]
+        score = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+        n = len(rows)
+        p = score / n
+        center = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        c = rep["comparisons"][0]
+        assert (c["a"], c["b"]) == ("ppo", "sft")
+        assert c[f"win_rate_{key}"] == pytest.approx(p)
+        assert c[f"ci_{key}"] == pytest.approx([max(0, center - half), min(1, center + half)])
+    # the judge scores really are the demo judge's scores of the stored responses
+    from rlchat.demo.task import judge
+
+    texts = [r["policies"]["ppo"]["response"] for r in rows]
+    assert judge([r["prompt"] for r in rows], texts) == pytest.approx([r["policies"]["ppo"]["judge"] for r in rows])
+
+
+def _own_logprob_sum(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Sum of log p(response | prompt) from one unpadded forward pass."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    P = len(prompt_ids)
+    return sum(logp[P - 1 + t, tok].item() for t, tok in enumerate(response_ids))
+
+
+@pytest.mark.slow
+def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
+    """Separately loaded models (PPO merged into the weights, SFT on its own), one prompt at a time, no padding:
+    the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `kl`."""
+    import torch
+
+    from rlchat import models
+    from rlchat.export import load_policy
+
+    run, rows = evaluated["run"], evaluated["rows"]
+    ppo, tok = load_policy(run, "ppo", merge=True)
+    sft, _ = models.load_sft_policy(run)
+    eos = tok.eos_token_id
+    for row in rows[:3]:
+        text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = ppo.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                               eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        response = out[0, len(prompt_ids):].tolist()
+        if eos in response:
+            response = response[:response.index(eos) + 1]
+        stored = row["policies"]["ppo"]
+        assert tok.decode(response, skip_special_tokens=True).strip() == stored["response"]
+        assert len(response) == stored["length"]
+        kl = _own_logprob_sum(ppo, prompt_ids, response) - _own_logprob_sum(sft, prompt_ids, response)
+        assert kl == pytest.approx(stored["kl"], abs=2e-3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_plots_report_md_and_manifest(evaluated):
+    run = evaluated["run"]
+    d = run / "eval"
+    for name in ("sft_loss", "reward_training", "ppo_training", "score_distribution"):
+        data = (d / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    md = (d / "report.md").read_text()
+    for needle in ("## Policies", "## Win rates", "ppo over sft", "![PPO training](ppo_training.png)",
+                   "![Eval score distribution](score_distribution.png)", "## Sample responses"):
+        assert needle in md, needle
+    entry = json.loads((run / "run.json").read_text())["stages"]["eval"]
+    assert entry["status"] == "done" and entry["parent"] == "ppo"
+    c = evaluated["report"]["comparisons"][0]
+    assert entry["metrics"]["win_rate"] == c["win_rate_judge"]
+    assert entry["metrics"]["win_rate_reward"] == c["win_rate_reward"]
+    assert entry["outputs"]["report"] == "eval/report.json"
+    res = invoke("status", run)
+    assert "eval" in res.output and "win_rate" in res.output
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.slow
+def test_eval_refuses_rerun_without_overwrite(evaluated):
+    run = evaluated["run"]
+    before = snapshot(run)
+    res = invoke("eval", "--run-dir", run, "--dataset", evaluated["prompts"], "--max-prompts", 2)
+    assert res.exit_code == 2 and "overwrite" in res.output
+    assert snapshot(run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["judge_import", "judge_length", "judge_missing_fn", "empty_prompts",
+                                  "no_prompt_column", "ppo_not_in_run", "ppo_stale_base"])
+def test_eval_bad_input_exits_2_and_writes_nothing(evaluated, tmp_path, case):
+    run = evaluated["run"] if case != "ppo_not_in_run" else evaluated["sft_only"]
+    if case == "ppo_stale_base":  # the SFT weights changed after PPO trained its adapter on them
+        run = tmp_path / "stale"
+        shutil.copytree(evaluated["run"], run)
+        manifest = json.loads((run / "run.json").read_text())
+        manifest["stages"]["ppo"]["outputs"]["base_hash"] = "sha256:" + "0" * 64
+        (run / "run.json").write_text(json.dumps(manifest))
+    args = ["eval", "--run-dir", run, "--dataset", evaluated["prompts"], "--max-prompts", 2, "--overwrite"]
+    if case == "judge_import":
+        args += ["--judge", "no_such_module_xyz:judge"]
+    elif case == "judge_missing_fn":
+        args += ["--judge", "rlchat.demo.task:no_such_fn"]
+    elif case == "judge_length":
+        bad = tmp_path / "short_judge.py"
+        bad.write_text("def judge(prompts, completions):\n    return [1.0]\n")
+        args += ["--judge", f"{bad}:judge"]
+    elif case == "empty_prompts":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        args[4] = empty
+    elif case == "no_prompt_column":
+        other = tmp_path / "other.jsonl"
+        other.write_text('{"question": "hi"}\n')
+        args[4] = other
+    elif case == "ppo_not_in_run":
+        args += ["--policies", "sft,ppo"]
+    before = snapshot(run)
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and res.output.rstrip().endswith(errors[0]), res.output   # one line, last
+    assert "Traceback" not in res.output
+    assert snapshot(run) == before
+
+
+def test_eval_on_a_run_without_a_trained_policy(tmp_path, demo_data):
+    empty = tmp_path / "nothing"
+    res = invoke("eval", "--run-dir", empty, "--dataset", demo_data["eval_prompts"])
+    assert res.exit_code == 2 and "no trained policy" in res.output
+    assert not empty.exists()
+    # a run whose sft stage failed
+    from rlchat.rundir import RunDir
+
+    run = RunDir(tmp_path / "failed")
+    run.begin_stage("sft", config={}, inputs={}, parent=None, overwrite=False)
+    run.fail_stage("sft", "killed")
+    before = snapshot(run.path)
+    res = invoke("eval", "--run-dir", run.path, "--dataset", demo_data["eval_prompts"])
+    assert res.exit_code == 2 and "no trained policy" in res.output and "failed" in res.output
+    assert snapshot(run.path) == before
+
+
+# ------------------------------------------------------------------------------------ other decoding, render
+
+
+@pytest.mark.slow
+def test_sampling_eval_on_an_sft_only_run(trained_run):
+    """Without ppo and reward: sft alone, sampled; no comparisons, no reward scores; the report still renders."""
+    run = trained_run["sft_only"]
+    res = invoke("eval", "--run-dir", run, "--dataset", trained_run["prompts"], "--max-prompts", 3,
+                 "--max-new-tokens", 8, "--temperature", "1.0", "--top-p", "0.9", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert rep["settings"]["decoding"] == "sampling" and rep["settings"]["top_p"] == 0.9
+    assert list(rep["policies"]) == ["sft"] and rep["comparisons"] == []
+    assert rep["policies"]["sft"]["mean_reward"] is None and rep["policies"]["sft"]["mean_judge"] is None
+    assert (run / "eval" / "sft_loss.png").exists() and not (run / "eval" / "ppo_training.png").exists()
+    assert json.loads((run / "run.json").read_text())["stages"]["eval"]["parent"] == "sft"
+
+
+# ------------------------------------------------------------------------------------------- export, chat
+
+
+@pytest.mark.slow
+def test_export_reloads_with_plain_transformers_and_matches_adapter_version(evaluated, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlchat import export, models
+
+    run = evaluated["run"]
+    out = export.export(run, "ppo", tmp_path / "exported")
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    gen = json.loads((out / "generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out)
+    assert gen["eos_token_id"] == tok.eos_token_id and gen["pad_token_id"] == tok.pad_token_id
+    assert tok.chat_template and json.loads((out / "rlchat_export.json").read_text())["stage"] == "ppo"
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    sft, _ = models.load_sft_policy(run)
+    adapter = PeftModel.from_pretrained(sft, run / "ppo" / "policy").eval()
+    for row in evaluated["rows"][:2]:
+        ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        with torch.no_grad():
+            a = plain.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False)  # its own generation_config
+            b = adapter.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        assert a.tolist() == b.tolist()
+        reply = tok.decode(a[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert reply == row["policies"]["ppo"]["response"]
+
+
+@pytest.mark.slow
+def test_export_refuses_bad_targets(evaluated, tmp_path):
+    from rlchat import export
+    from rlchat.errors import RlchatError
+
+    run = evaluated["run"]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(RlchatError, match="not empty.*--overwrite"):
+        export.export(run, "ppo", full)
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    with pytest.raises(RlchatError, match="stage 'ppo' .* is not run"):
+        export.export(evaluated["sft_only"], "ppo", tmp_path / "x")
+    with pytest.raises(RlchatError, match="has no policy"):
+        export.export(run, "reward", tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # --overwrite replaces the directory, sft works too
+    out = export.export(run, "sft", full, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_chat_prompt_answers_like_eval(evaluated, capsys):
+    from rlchat import export
+
+    row = evaluated["rows"][0]
+    reply = export.chat(evaluated["run"], "ppo", prompt=row["prompt"], max_new_tokens=MAX_NEW, temperature=0)
+    assert reply == row["policies"]["ppo"]["response"]   # greedy: the same answer eval recorded
+    assert capsys.readouterr().out.strip() == reply.strip()
+
+
+@pytest.mark.slow
+def test_chat_interactive_streams_and_keeps_history(evaluated, monkeypatch, capsys):
+    from rlchat import export
+
+    lines = iter(["Tell me about the red apple.", "And the blue fox?", "/reset", "Hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    real = export._generate_reply
+
+    def spy(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return real(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(export, "_generate_reply", spy)
+    assert export.chat(evaluated["run"], "sft", max_new_tokens=8, temperature=0.7, seed=0) is None
+    assert capsys.readouterr().out.count("bot> ") == 3
+    assert seen[0] == ["Tell me about the red apple."]
+    assert seen[1][0] == "Tell me about the red apple." and seen[1][-1] == "And the blue fox?" and len(seen[1]) == 3
+    assert seen[2] == ["Hi"]   # /reset forgot the first conversation
+
+
+def test_chat_on_a_missing_stage_says_which_to_use(tmp_path):
+    from rlchat import export
+    from rlchat.errors import RunDirError
+    from rlchat.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    _fake_stage(run, "sft", [])
+    with pytest.raises(RunDirError, match="--stage sft"):
+        export.chat(run.path, "ppo", prompt="hi")
