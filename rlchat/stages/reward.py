@@ -97,11 +97,13 @@ def _rows_text(rows: list[int]) -> str:
     return shown + (f" and {len(rows) - MAX_ROWS_NAMED} more" if len(rows) > MAX_ROWS_NAMED else "")
 
 
-def read_pairs(ds, fmt: str, name: str | None = None) -> tuple[list[Pair], list[int]]:
+def read_pairs(ds, fmt: str, name: str | None = None, keep_identical: bool = False
+               ) -> tuple[list[Pair], list[int]]:
     """Check every row of a preference dataset and split it into Pairs.
 
-    Returns (pairs, identical_rows): rows whose chosen and rejected are identical are left out and listed.
-    Raises DataError for a value of the wrong type, a bad margin, or implicit-prompt rows sharing no prefix.
+    Returns (pairs, identical_rows): rows whose chosen and rejected are identical are listed and, unless
+    keep_identical (scoring), left out. Raises DataError for a value of the wrong type, a bad margin,
+    implicit-prompt rows sharing no prefix, or no pair left.
     """
     where = f"dataset {name}" if name else "the dataset"
     has_margin = "margin" in ds.column_names
@@ -133,11 +135,12 @@ def read_pairs(ds, fmt: str, name: str | None = None) -> tuple[list[Pair], list[
             margin = float(margin)
         if chosen == rejected:
             identical.append(i)
-            continue
+            if not keep_identical:
+                continue
         if fmt == "implicit":
             n = _common_prefix(chosen, rejected)
             shared = chosen[:n]
-            if (conv and n == 0) or (not conv and not shared.strip()):
+            if chosen != rejected and ((conv and n == 0) or (not conv and not shared.strip())):
                 no_prefix.append(i)
                 continue
             if not conv:
@@ -187,8 +190,10 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None) -> t
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int | None) -> tuple[dict, int, list[int]]:
-    """({"chosen_ids", "rejected_ids"[, "margin"]}, n_truncated, rows that became identical when truncated)."""
-    chosen_ids, rejected_ids, margins = [], [], []
+    """({"chosen_ids", "rejected_ids"[, "margin"]}, n_truncated, rows that became identical when truncated).
+
+    `rows` (the dataset row of each kept pair) is returned in the dict too; pop it before training."""
+    chosen_ids, rejected_ids, margins, rows = [], [], [], []
     n_truncated, collapsed = 0, []
     for p in pairs:
         c, c_cut = encode(tokenizer, p.prompt, p.chosen, max_length)
@@ -200,7 +205,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int | None) -> tupl
         chosen_ids.append(c)
         rejected_ids.append(r)
         margins.append(p.margin)
-    columns = {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        rows.append(p.row)
+    columns = {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "rows": rows}
     if pairs and pairs[0].margin is not None:
         columns["margin"] = margins
     return columns, n_truncated, collapsed
@@ -327,12 +333,18 @@ def run(cfg) -> dict:
     run = RunDir(cfg.run_dir)
     mode = run.check_can_start(STAGE, cfg.overwrite)
     base = resolve_base(run, cfg.model)
-    if mode == "resume":
-        old = ((run.record(STAGE) or {}).get("inputs") or {}).get("base") or {}
-        if old.get("name") != base.name or old.get("hash") != base.hash:
+    dataset_record = input_record(cfg.dataset)
+    if mode == "resume":  # the checkpoints must continue the same training
+        old = (run.record(STAGE) or {}).get("inputs") or {}
+        old_base, old_data = old.get("base") or {}, old.get("dataset") or {}
+        if old_base.get("name") != base.name or old_base.get("hash") != base.hash:
             raise RunDirError(f"cannot resume the reward stage in {run.path}: its checkpoints were trained on base "
-                              f"{old.get('name')} ({old.get('hash')}), the base is now {base.name} ({base.hash})",
-                              "rerun with --overwrite to start the reward model afresh")
+                              f"{old_base.get('name')} ({old_base.get('hash')}), the base is now {base.name} "
+                              f"({base.hash})", "rerun with --overwrite to start the reward model afresh")
+        if old_data.get("spec") != dataset_record["spec"] or old_data.get("hash") != dataset_record.get("hash"):
+            raise RunDirError(f"cannot resume the reward stage in {run.path}: its checkpoints were trained on "
+                              f"dataset {old_data.get('spec')}, which differs from {cfg.dataset} (or changed since)",
+                              "rerun with the same --dataset, or with --overwrite to start afresh")
 
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
     fmt = data.detect_preference_format(ds, cfg.dataset)
@@ -370,18 +382,18 @@ def run(cfg) -> dict:
                       f"{cfg.max_length} tokens; kept their last {cfg.max_length} tokens (the start of the prompt "
                       "is cut; TRL alone would drop these pairs)", highlight=False)
 
-    import torch
     from datasets import Dataset
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the score head is freshly initialised
     model = models.seq_cls_from_causal(causal, pad_token_id=tokenizer.pad_token_id)
     del causal
-    train_set = Dataset.from_dict(train_cols)
-    eval_set = Dataset.from_dict(eval_cols) if eval_cols and eval_cols["chosen_ids"] else None
+    train_set = Dataset.from_dict({k: v for k, v in train_cols.items() if k != "rows"})
+    eval_set = (Dataset.from_dict({k: v for k, v in eval_cols.items() if k != "rows"})
+                if eval_cols and eval_cols["chosen_ids"] else None)
 
     # 2. train
-    inputs = {"dataset": input_record(cfg.dataset),
+    inputs = {"dataset": dataset_record,
               "base": {"name": base.name, "hash": base.hash},
               "model": input_record(cfg.model, hash=False) if cfg.model else None}
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=None if cfg.model else "sft",
@@ -395,7 +407,7 @@ def run(cfg) -> dict:
         resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
         args = TrlRewardConfig(
             **trainer_args(cfg, ckpt_dir, has_eval=eval_set is not None),
-            max_length=cfg.max_length,   # no-op: every pair was truncated to fit above
+            max_length=None,   # TRL would drop longer pairs; every pair was already truncated to fit above
             center_rewards_coefficient=cfg.center_rewards_coef or None,
             trust_remote_code=cfg.trust_remote_code,
             disable_dropout=True,
@@ -406,8 +418,10 @@ def run(cfg) -> dict:
                                    show_keys=("loss", "accuracy", "eval_accuracy"))
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
-        if len(trainer.train_dataset) != len(train_set):  # TRL filters by max_length; we truncated, so it must not
-            raise AssertionError("RewardTrainer dropped training pairs")
+        # disable_tqdm=True makes the Trainer print every log dict; our progress bar shows them instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
         trainable, total = models.count_parameters(trainer.model)
         if resume_from is not None:
             console.print(f"[yellow]reward: resuming from {resume_from.name}[/]")
@@ -425,6 +439,10 @@ def run(cfg) -> dict:
                                               "rejected_std")}
         reward_stats.update(n_pairs=n, source=source, accuracy=stats["accuracy"], margin=stats["margin"])
         atomic_write_json(stage_dir / "reward_stats.json", reward_stats)
+        # per-pair scores of that set: for plots, and to check that a reloaded model scores the same
+        atomic_write_text(stage_dir / f"{source}_scores.jsonl", "".join(
+            json.dumps({"row": row, "chosen": c, "rejected": r}) + "\n"
+            for row, c, r in zip(stats_cols["rows"], scores[:n].tolist(), scores[n:].tolist())))
 
         if cfg.full:
             with atomic_dir(stage_dir / "model") as tmp:
@@ -467,6 +485,7 @@ def run(cfg) -> dict:
             "base_hash": base.hash,
             "base_path": str(base.path.resolve()) if base.name != "sft" and base.path else None,
             "reward_stats": "reward/reward_stats.json",
+            "scores": f"reward/{source}_scores.jsonl",
             "metrics": "reward/metrics.jsonl",
         }
         run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
@@ -526,6 +545,7 @@ def load_reward_model(run_path: str | Path, trust_remote_code: bool = False, dev
 
     run = RunDir(run_path)
     outputs = _reward_record(run)["outputs"]
+    base = check_reward_base(run.path) if outputs["kind"] == "lora" else None  # before loading anything
     tokenizer = models.load_tokenizer(str(run.path / outputs.get("tokenizer", "reward/tokenizer")),
                                       trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
@@ -543,7 +563,6 @@ def load_reward_model(run_path: str | Path, trust_remote_code: bool = False, dev
     else:
         from peft import PeftModel
 
-        base = check_reward_base(run.path)
         adapter = run.path / (outputs.get("adapter") or "reward/adapter")
         if not (adapter / "adapter_config.json").is_file():
             raise RunDirError(f"reward adapter not found: {adapter} has no adapter_config.json",
@@ -576,7 +595,7 @@ def score_items(ds, name: str | None = None) -> list[dict]:
     items: list[dict] = []
     if "chosen" in columns and "rejected" in columns:
         fmt = "explicit" if "prompt" in columns else "implicit"
-        pairs, identical = read_pairs(ds, fmt, name)
+        pairs, _ = read_pairs(ds, fmt, name, keep_identical=True)
         for p in pairs:
             items.append({"prompt": p.prompt, "completion": p.chosen, "label": "chosen", "row": p.row})
             items.append({"prompt": p.prompt, "completion": p.rejected, "label": "rejected", "row": p.row})

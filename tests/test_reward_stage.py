@@ -1,0 +1,429 @@
+"""`rlchat train-reward` / `score` on a tiny random-init model.
+
+The learning test uses a colour-matching task: the prompt asks about "the red fox", the chosen answer names the
+same colour, the rejected one another colour. The task is symmetric in the colours, so ANY model that has not
+learned it (random score head, broken trainer) sits at about 0.5 pairwise accuracy; the test checks that for the
+untrained model, then that training lifts held-out accuracy to >= 0.9 and that the saved model reloads with the
+same scores. The other tests use a few training steps (formats, margins, truncation, resume, full weights) or
+none at all (bad input must fail before anything is written).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rlchat.config import RewardConfig, resolve
+from rlchat.errors import ConfigError, DataError, ModelError, RunDirError
+from rlchat.stages import reward
+from tests.conftest import snapshot
+
+COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
+THINGS = ("fox", "apple", "boat", "bird", "cat", "car", "house", "kite", "ball", "cup", "hat", "fish")
+
+
+def colour_pairs(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        color, thing = rng.choice(COLORS), rng.choice(THINGS)
+        other = rng.choice([c for c in COLORS if c != color])
+        rows.append({"prompt": f"Tell me about the {color} {thing}.", "chosen": f" The {color} {thing}.",
+                     "rejected": f" The {other} {thing}."})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cfg(run_dir: Path, dataset: Path, **overrides) -> RewardConfig:
+    values = dict(run_dir=str(run_dir), dataset=str(dataset), batch_size=8, max_steps=2, logging_steps=1,
+                  save_steps=100, lora_r=8, lora_alpha=16, lr=1e-3, seed=0)
+    values.update(overrides)
+    return resolve(RewardConfig, "reward", None, values)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: one intra-op thread is several times faster than two fighting ones.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    """A LoRA reward model trained for 200 steps on 800 colour pairs (200 held out)."""
+    import time
+
+    import torch
+    from transformers import set_seed
+
+    from rlchat import data, models
+
+    root = tmp_path_factory.mktemp("reward")
+    pairs_path = write_jsonl(root / "pairs.jsonl", colour_pairs(1000))
+
+    # the same base the stage starts from, with a fresh random score head, before any training
+    causal, tok = reward.load_base_causal(None, reward.Base(str(tiny_model), None, None))
+    set_seed(0)
+    untrained = models.seq_cls_from_causal(causal, pad_token_id=tok.pad_token_id)
+    pairs, _ = reward.read_pairs(data.load_any(str(pairs_path)), "explicit")
+    cols, _, _ = reward.tokenize_pairs(pairs, tok, 512)
+    scores = reward.score_token_ids(untrained, cols["chosen_ids"] + cols["rejected_ids"], tok.pad_token_id)
+    n = len(pairs)
+    untrained_acc = reward.pair_stats(scores[:n], scores[n:])["accuracy"]
+    del causal, untrained, scores
+    torch.manual_seed(0)
+
+    cfg = make_cfg(root / "run", pairs_path, model=str(tiny_model), max_steps=200, batch_size=16, lr=1e-3,
+                   lora_r=16, lora_alpha=32, eval_fraction=0.2, logging_steps=20, save_steps=100)
+    t0 = time.time()
+    metrics = reward.run(cfg)
+    return {"run": root / "run", "metrics": metrics, "untrained_acc": untrained_acc, "wall": time.time() - t0,
+            "pairs": pairs_path, "root": root}
+
+
+@pytest.mark.slow
+def test_reward_model_learns_held_out_preferences(trained):
+    m = trained["metrics"]
+    # symmetric task: an untrained model is at chance whatever its random head prefers
+    assert 0.35 <= trained["untrained_acc"] <= 0.65, trained["untrained_acc"]
+    assert m["eval_accuracy"] >= 0.9, m
+    assert m["eval_margin"] > 1.0, m
+    assert m["trl_eval_accuracy"] >= 0.9, m
+    assert m["chosen_mean"] > m["rejected_mean"]
+    assert (m["n_train"], m["n_eval"], m["n_truncated"], m["n_identical_skipped"]) == (800, 200, 0, 0)
+    assert m["steps"] == 200 and math.isfinite(m["train_loss"])
+    assert "held-out accuracy" in m["summary"] and str(trained["run"]) in m["summary"]
+    print(f"\nheld-out accuracy {m['eval_accuracy']:.3f} (untrained {trained['untrained_acc']:.3f}), "
+          f"stage {m['wall_s']:.1f}s, test fixture {trained['wall']:.1f}s")
+
+
+@pytest.mark.slow
+def test_run_dir_outputs(trained, tiny_model):
+    from safetensors import safe_open
+
+    from rlchat.rundir import content_hash
+
+    run = trained["run"]
+    entry = json.loads((run / "run.json").read_text())["stages"]["reward"]
+    assert entry["status"] == "done" and entry["parent"] is None  # --model: no SFT stage needed
+    out = entry["outputs"]
+    assert out["kind"] == "lora" and out["adapter"] == "reward/adapter" and out["model"] is None
+    assert out["tokenizer"] == "reward/tokenizer" and out["base"] == str(tiny_model)
+    assert out["base_hash"] == content_hash(tiny_model)
+    for key in ("eval_accuracy", "eval_margin", "chosen_mean", "chosen_std", "rejected_mean", "rejected_std",
+                "n_train", "n_eval", "n_truncated", "n_identical_skipped", "wall_s"):
+        assert key in entry["metrics"], key
+    adapter = run / "reward" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        assert any("score" in k for k in f.keys()), "the score head must be saved with the adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert (run / "reward" / "tokenizer" / "tokenizer_config.json").exists()
+    assert (run / "reward" / "config.yaml").exists()
+    stats = json.loads((run / "reward" / "reward_stats.json").read_text())
+    assert {"mean", "std", "chosen_mean", "chosen_std", "rejected_mean", "rejected_std"} <= set(stats)
+    assert stats["std"] > 0 and stats["source"] == "eval" and stats["n_pairs"] == 200
+    rows = read_jsonl(run / "reward" / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows and all({"accuracy", "margin"} <= set(r) for r in train_rows)
+    assert any("eval_accuracy" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_reloaded_model_gives_the_same_scores(trained, tiny_model):
+    import torch
+    from peft import PeftModel
+
+    from rlchat import data, models
+
+    run = trained["run"]
+    saved = read_jsonl(run / "reward" / "eval_scores.jsonl")
+    assert len(saved) == 200
+    model, tok = reward.load_reward_model(run, device=models.pick_device())  # where the stage scored them
+    ds = data.load_any(str(trained["pairs"]))
+    pairs, _ = reward.read_pairs(ds.select([r["row"] for r in saved]), "explicit")
+    cols, _, _ = reward.tokenize_pairs(pairs, tok, 512)
+    scores = reward.score_token_ids(model, cols["chosen_ids"] + cols["rejected_ids"], tok.pad_token_id)
+    n = len(saved)
+    torch.testing.assert_close(scores[:n], torch.tensor([r["chosen"] for r in saved]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[n:], torch.tensor([r["rejected"] for r in saved]), atol=1e-5, rtol=0)
+
+    # plain PEFT on a seq-cls model of the base loads the adapter too (what PPO or a user would do)
+    base = models.seq_cls_from_causal(models.load_causal_lm(str(tiny_model)), pad_token_id=tok.pad_token_id)
+    plain = PeftModel.from_pretrained(base, str(run / "reward" / "adapter")).to(models.pick_device())
+    again = reward.score_token_ids(plain, cols["chosen_ids"][:16], tok.pad_token_id)
+    torch.testing.assert_close(again, scores[:16], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_score_writes_rows(trained):
+    root, run = trained["root"], trained["run"]
+    rows = colour_pairs(12, seed=7)
+    pairs_path = write_jsonl(root / "score_pairs.jsonl", rows)
+    res = reward.score(run, str(pairs_path), root / "scored_pairs.jsonl", batch_size=5)
+    out = read_jsonl(root / "scored_pairs.jsonl")
+    assert res["n"] == len(out) == 24
+    assert [r["label"] for r in out[:2]] == ["chosen", "rejected"]
+    assert out[0]["prompt"] == rows[0]["prompt"] and out[0]["completion"] == rows[0]["chosen"]
+    assert all(isinstance(r["score"], float) for r in out)
+    assert res["accuracy"] >= 0.9 and "pairwise accuracy" in res["summary"]
+
+    pc_path = write_jsonl(root / "score_pc.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    reward.score(run, str(pc_path), root / "scored_pc.jsonl")
+    pc = read_jsonl(root / "scored_pc.jsonl")
+    assert [set(r) for r in pc] == [{"prompt", "completion", "score"}] * 12
+    # the same text gets the same score whatever the row format and batch
+    for a, b in zip(pc, out[0::2]):
+        assert abs(a["score"] - b["score"]) < 1e-5
+
+    with pytest.raises(DataError, match="none of which"):
+        reward.score(run, str(write_jsonl(root / "bad.jsonl", [{"text": "hi"}])), root / "never.jsonl")
+    assert not (root / "never.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ SFT base, base mismatch
+
+
+@pytest.mark.slow
+def test_starts_from_sft_and_refuses_a_changed_sft_base(tmp_path, tiny_model, demo_data):
+    from rlchat.config import SFTConfig
+    from rlchat.rundir import content_hash
+    from rlchat.stages import sft
+
+    run = tmp_path / "run"
+    sft.run(resolve(SFTConfig, "sft", None, dict(run_dir=str(run), model=str(tiny_model),
+                                                  dataset=str(demo_data["sft"]), max_steps=2, batch_size=4,
+                                                  eval_fraction=0, save_steps=100)))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", read_jsonl(demo_data["pairs"])[:64])  # conversational, explicit
+    m = reward.run(make_cfg(run, pairs, max_steps=2, eval_fraction=0.25))
+    entry = json.loads((run / "run.json").read_text())["stages"]["reward"]
+    assert entry["parent"] == "sft" and entry["outputs"]["base"] == "sft"
+    assert entry["outputs"]["base_hash"] == content_hash(run / "sft" / "adapter")
+    assert m["n_eval"] == 16 and m["format"] == "explicit"
+    model, _ = reward.load_reward_model(run)  # the matching base loads
+    assert model.config.num_labels == 1
+
+    # retrain-like change of the SFT adapter: the reward adapter no longer fits it
+    cfg_file = run / "sft" / "adapter" / "adapter_config.json"
+    cfg_file.write_text(cfg_file.read_text() + "\n")
+    with pytest.raises(ModelError, match="different version of the run's SFT model"):
+        reward.load_reward_model(run)
+    with pytest.raises(ModelError, match="retrain"):
+        reward.score(run, str(pairs), tmp_path / "scores.jsonl")
+    assert not (tmp_path / "scores.jsonl").exists()
+
+
+def test_mismatched_model_base_refused(tmp_path, tiny_model):
+    """--model base: a changed local model directory is caught by its content hash (no training needed)."""
+    from rlchat.rundir import RunDir, content_hash
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    run = RunDir(tmp_path / "run")
+    run.begin_stage("reward", config={}, inputs={}, parent=None, overwrite=False)
+    run.finish_stage("reward", metrics={}, outputs={"kind": "lora", "adapter": "reward/adapter", "model": None,
+                                                    "tokenizer": "reward/tokenizer", "base": str(base),
+                                                    "base_hash": content_hash(base)})
+    assert reward.check_reward_base(run.path).name == str(base)
+    (base / "config.json").write_text((base / "config.json").read_text() + " ")
+    with pytest.raises(ModelError, match="different version of the model"):
+        reward.load_reward_model(run.path)
+
+
+# ------------------------------------------------------------------- formats, margins, truncation, full
+
+
+@pytest.mark.slow
+def test_implicit_prompt_margin_truncation_identical(tmp_path, tiny_model, capsys):
+    rows = []
+    for i, r in enumerate(colour_pairs(40)):
+        row = {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"], "margin": 0.5}
+        if i < 8:  # long prompts: 20 extra words, over max_length
+            pre = "Please answer kindly and briefly. " * 4
+            row = {"chosen": pre + row["chosen"], "rejected": pre + row["rejected"], "margin": 0.5}
+        if i in (10, 11):
+            row["rejected"] = row["chosen"]
+        rows.append(row)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    m = reward.run(make_cfg(tmp_path / "run", path, model=str(tiny_model), max_length=24, eval_fraction=0.2,
+                            center_rewards_coef=0.01))
+    assert m["n_identical_skipped"] == 2
+    assert m["n_truncated"] == 8
+    assert m["has_margin"] and m["format"] == "implicit"
+    assert m["n_train"] + m["n_eval"] == 38
+    err = capsys.readouterr()
+    text = " ".join((err.out + err.err).split())
+    assert "skipped 2 of 40 pairs" in text and "rows 10, 11" in text
+    assert "8 of 38 pairs are longer than max_length=24" in text
+    rows = read_jsonl(tmp_path / "run" / "reward" / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_full_weights_save_and_reload(tmp_path, tiny_model):
+    import torch
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(40))
+    m = reward.run(make_cfg(tmp_path / "run", path, model=str(tiny_model), full=True, eval_fraction=0.25))
+    model_dir = tmp_path / "run" / "reward" / "model"
+    assert (model_dir / "model.safetensors").exists() and not (tmp_path / "run" / "reward" / "adapter").exists()
+    out = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["reward"]["outputs"]
+    assert out["kind"] == "full" and out["model"] == "reward/model" and out["adapter"] is None
+    from rlchat.models import pick_device
+
+    model, tok = reward.load_reward_model(tmp_path / "run", device=pick_device())
+    saved = read_jsonl(tmp_path / "run" / "reward" / "eval_scores.jsonl")
+    assert len(saved) == m["n_eval"] == 10
+    rows = read_jsonl(path)
+    ids = [reward.encode(tok, rows[r["row"]]["prompt"], rows[r["row"]]["chosen"], 512)[0] for r in saved]
+    scores = reward.score_token_ids(model, ids, tok.pad_token_id)
+    torch.testing.assert_close(scores, torch.tensor([r["chosen"] for r in saved]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_model, monkeypatch):
+    from rlchat.progress import TrainerProgress
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(40))
+    cfg = make_cfg(tmp_path / "run", path, model=str(tiny_model), max_steps=4, save_steps=2, eval_fraction=0)
+    original = TrainerProgress.on_step_end
+
+    def killed_after_step_3(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainerProgress, "on_step_end", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        reward.run(cfg)
+    monkeypatch.setattr(TrainerProgress, "on_step_end", original)
+    entry = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["reward"]
+    assert entry["status"] == "failed"
+    assert (tmp_path / "run" / "reward" / "checkpoints" / "checkpoint-2").is_dir()
+
+    # resuming with other data would mix two trainings: refused, nothing touched
+    other = write_jsonl(tmp_path / "other.jsonl", colour_pairs(40, seed=1))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(RunDirError, match="cannot resume"):
+        reward.run(make_cfg(tmp_path / "run", other, model=str(tiny_model), max_steps=4, save_steps=2,
+                            eval_fraction=0))
+    assert snapshot(tmp_path / "run") == before
+
+    m = reward.run(cfg)
+    assert m["resumed_from"] == "checkpoint-2" and m["steps"] == 4
+    assert m["train_accuracy"] is not None and m["eval_accuracy"] is None  # no held-out split: stats on train
+    stats = json.loads((tmp_path / "run" / "reward" / "reward_stats.json").read_text())
+    assert stats["source"] == "train"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("rows, error, match", [
+    ([{"prompt": "a", "completion": "b"}], DataError, "no 'chosen' and 'rejected'"),
+    ([{"prompt": "Q:", "chosen": " yes", "rejected": " yes"}] * 3, DataError, "all 3 pairs .* identical"),
+    ([{"chosen": "Q: a", "rejected": "Q: b"}, {"chosen": "yes", "rejected": "no"},
+      {"chosen": "fine", "rejected": "bad"}], DataError, r"2 of 3 implicit-prompt pairs .* share no prefix.*rows 1, 2"),
+    ([{"prompt": "Q:", "chosen": " a", "rejected": " b", "margin": 1.0},
+      {"prompt": "Q:", "chosen": " a", "rejected": " b", "margin": None}], DataError, "margin.*rows 1"),
+    ([{"prompt": "Q:", "chosen": " a", "rejected": 3}], DataError, "row 0"),
+])
+def test_bad_pairs_fail_before_writing(tmp_path, tiny_model, rows, error, match):
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run = tmp_path / "run"
+    with pytest.raises(error, match=match) as info:
+        reward.run(make_cfg(run, path, model=str(tiny_model)))
+    assert "\n" not in str(info.value) and "Fix:" in str(info.value)
+    assert not run.exists()
+
+
+def test_no_sft_and_no_model_fails_before_writing(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(4))
+    with pytest.raises(RunDirError, match="has not run.*--model"):
+        reward.run(make_cfg(tmp_path / "run", path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_dataset_and_finished_stage(tmp_path, tiny_model):
+    from rlchat.rundir import RunDir
+
+    with pytest.raises(ConfigError, match="needs preference pairs"):
+        reward.run(make_cfg(tmp_path / "run", "", model=str(tiny_model)))
+    run = RunDir(tmp_path / "run")
+    run.begin_stage("reward", config={}, inputs={}, parent=None, overwrite=False)
+    run.finish_stage("reward", metrics={}, outputs={})
+    before = snapshot(tmp_path / "run")
+    path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(4))
+    with pytest.raises(RunDirError, match="overwrite"):
+        reward.run(make_cfg(tmp_path / "run", path, model=str(tiny_model)))
+    assert snapshot(tmp_path / "run") == before
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def test_read_pairs_splits_implicit_prompts():
+    from datasets import Dataset
+
+    user = {"role": "user", "content": "Tell me about the red fox."}
+    ds = Dataset.from_list([
+        {"chosen": [user, {"role": "assistant", "content": "A red fox."}],
+         "rejected": [user, {"role": "assistant", "content": "A blue fox."}]},
+    ])
+    (pair,), identical = reward.read_pairs(ds, "implicit")
+    assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "A red fox."}]
+    assert identical == []
+    text = Dataset.from_list([{"chosen": "Q: the sky? A: blue", "rejected": "Q: the sky? A: bleak"}])
+    (pair,), _ = reward.read_pairs(text, "implicit")
+    assert pair.prompt == "Q: the sky? A:" and pair.chosen == " blue" and pair.rejected == " bleak"
+    no_prefix = Dataset.from_list([
+        {"chosen": [user, {"role": "assistant", "content": "x"}],
+         "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "y"}]},
+    ])
+    with pytest.raises(DataError, match="row.*0"):
+        reward.read_pairs(no_prefix, "implicit")
+
+
+def test_encode_left_truncates(tiny_model):
+    from rlchat import models
+
+    tok = models.load_tokenizer(str(tiny_model))
+    full, cut = reward.encode(tok, "Tell me about the red fox. ", "The red fox is here.", None)
+    assert not cut and full[-1] == tok.eos_token_id  # plain text gets eos, as in TRL
+    short, cut = reward.encode(tok, "Tell me about the red fox. ", "The red fox is here.", 5)
+    assert cut and short == full[-5:]
+    chat, _ = reward.encode(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
+                            None)
+    assert chat == list(tok.apply_chat_template([{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}],
+                                                tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_pair_stats_by_hand():
+    import torch
+
+    s = reward.pair_stats(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 2.0, 1.0]))
+    # chosen > rejected in 1 of 3 pairs (a tie counts as wrong); margins 1, 0, -1
+    assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
+    assert s["chosen_mean"] == pytest.approx(1.0) and s["rejected_mean"] == pytest.approx(1.0)
+    assert s["mean"] == pytest.approx(1.0) and s["std"] == pytest.approx(math.sqrt(4 / 6))
