@@ -242,6 +242,35 @@ def plan(
         print(json.dumps(entries, indent=1, default=str))
 
 
+@app.command("score", epilog="Example: rlchat score runs/demo --dataset .demo/data/pairs.jsonl --out scores.jsonl")
+def score_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (its reward stage must be done).")],
+    dataset: Annotated[str, typer.Option(help="Rows to score: prompt+completion, prompt+chosen/rejected, "
+                                         "or messages (file, save_to_disk dir or Hub id).")],
+    out: Annotated[Path, typer.Option(help="JSONL file to write {prompt, completion, score} rows to.")],
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "train",
+    dataset_config: Annotated[Optional[str], typer.Option(help="Dataset configuration (subset) name.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows scored per forward pass.")] = 16,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+):
+    """Score prompt/response rows with the run's trained reward model, to inspect what it likes."""
+    from rich.markup import escape
+
+    from rlchat.progress import console
+
+    try:
+        from rlchat.stages.reward import score
+
+        result = score(run_dir, dataset, out, split=split, batch_size=batch_size, dataset_config=dataset_config,
+                       trust_remote_code=trust_remote_code)
+    except RlchatError as err:
+        fail(err)
+    console.print(f"[bold green]score:[/] {escape(str(result.get('summary', '')))}", soft_wrap=True)
+    if json_out:
+        print(json.dumps(result, indent=1, default=str))
+
+
 @app.command("export", epilog="Example: rlchat export runs/demo exported/demo-ppo --stage ppo")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory.")],

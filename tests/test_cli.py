@@ -15,7 +15,7 @@ from tests.conftest import snapshot
 
 runner = CliRunner()
 COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "demo-data", "plan", "export", "chat",
-            "report"]
+            "report", "score"]
 
 
 def invoke(*args):
