@@ -20,7 +20,21 @@ import json
 import time
 from pathlib import Path
 
-from rlchat.errors import ConfigError
+from rlchat.errors import ConfigError, RunDirError
+
+def check_resume_matches(run, cfg, inputs: dict) -> None:
+    """RunDirError when a resume would continue checkpoints trained on another model, dataset or weight layout."""
+    from rlchat.stages.common import check_resume_settings
+
+    old_inputs = (run.record("sft") or {}).get("inputs") or {}
+    for name in ("model", "dataset"):
+        was, now = old_inputs.get(name) or {}, inputs[name]
+        if was and (was.get("spec") != now.get("spec") or was.get("hash") != now.get("hash")):
+            raise RunDirError(f"cannot resume the sft stage in {run.path}: its checkpoints were trained on {name} "
+                              f"{was.get('spec')}, which differs from {now.get('spec')} (or changed since)",
+                              "rerun with the same --model and --dataset to resume, or add --overwrite to start "
+                              "afresh")
+    check_resume_settings(run, "sft", cfg)
 
 
 def run(cfg) -> dict:
@@ -28,8 +42,8 @@ def run(cfg) -> dict:
     from rlchat.config import to_dict, to_yaml
     from rlchat.progress import TrainerProgress, console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
-    from rlchat.stages.common import (drop_printer, last_complete_checkpoint, quiet_libraries, stage_lifecycle,
-                                      trainer_args)
+    from rlchat.stages.common import (drop_printer, final_step, last_complete_checkpoint, oom_guard, prepare_resume,
+                                      quiet_libraries, stage_lifecycle, train_or_restore, trainer_args)
 
     t_start = time.time()
     # 1. validate everything before the first write
@@ -41,27 +55,30 @@ def run(cfg) -> dict:
                           "save_to_disk directory or a Hub id)")
     run = RunDir(cfg.run_dir)
     mode = run.check_can_start("sft", cfg.overwrite)
+    inputs = {"model": input_record(cfg.model), "dataset": input_record(cfg.dataset)}
+    if mode == "resume":
+        check_resume_matches(run, cfg, inputs)
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
     fmt = data.detect_sft_format(ds)
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
     train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
     quiet_libraries()
-    model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
+    with oom_guard("sft"):
+        model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
 
     # 2. train
-    stage_dir = run.begin_stage(
-        "sft", config=to_dict(cfg),
-        inputs={"model": input_record(cfg.model), "dataset": input_record(cfg.dataset)},
-        parent=None, overwrite=cfg.overwrite,
-    )
-    with stage_lifecycle(run, "sft"):
+    old_config = (run.record("sft") or {}).get("config") if mode == "resume" else None
+    stage_dir = run.begin_stage("sft", config=to_dict(cfg), inputs=inputs, parent=None, overwrite=cfg.overwrite)
+    with stage_lifecycle(run, "sft"), oom_guard("sft"):
         atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
         from trl import SFTConfig as TrlSFTConfig
         from trl import SFTTrainer
 
         ckpt_dir = stage_dir / "checkpoints"
         resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
+        if mode == "resume":
+            prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
         args = TrlSFTConfig(
             **trainer_args(cfg, ckpt_dir, has_eval=eval_ds is not None),
             max_length=cfg.max_length,
@@ -88,14 +105,15 @@ def run(cfg) -> dict:
                 atomic_write_json(before_path, {"eval_loss": eval_before})
         if resume_from is not None:
             console.print(f"[yellow]sft: resuming from {resume_from.name}[/]")
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = train_or_restore(trainer, resume_from, final_step(cfg, old_config, resume_from))
         final_eval = trainer.evaluate() if eval_ds is not None else {}
         eval_after = final_eval.get("eval_loss")
 
         # 3. write outputs atomically
         if cfg.full:
-            with atomic_dir(stage_dir / "model") as tmp:
+            with atomic_dir(stage_dir / "model") as tmp:  # a standalone model dir: weights + tokenizer
                 trainer.model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
         else:
             with atomic_dir(stage_dir / "adapter") as tmp:
                 trainer.model.save_pretrained(tmp)
