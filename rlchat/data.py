@@ -132,6 +132,9 @@ def _read_json_rows(spec: str, path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{spec} is not UTF-8 text (byte {err.start})", "save the file as UTF-8") from err
+    except OSError as err:
+        raise DataError(f"cannot read dataset {spec}: {(err.strerror or str(err)).lower()}",
+                        "check that the file exists and that you may read it") from None
     first = text.lstrip()[:1]
     if path.suffix.lower() == ".json" and first == "[":
         try:
@@ -191,11 +194,17 @@ def _rows_to_dataset(spec: str, rows: list[dict]) -> "datasets.Dataset":
 def _load_directory(spec: str, path: Path, split: str | None, config: str | None) -> "datasets.Dataset":
     import datasets
 
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if saved:
+        try:
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except Exception as err:  # noqa: BLE001 - damaged or foreign save_to_disk files: one line for the user
+            raise DataError(f"could not load the save_to_disk directory {spec}: {_first_line(err)}",
+                            "save it again with dataset.save_to_disk(dir), or pass a .jsonl/.parquet file") from None
     if (path / "dataset_dict.json").is_file():
-        dd = datasets.load_from_disk(str(path), keep_in_memory=True)
-        return _pick_split(spec, dd, split)
+        return _pick_split(spec, loaded, split)
     if (path / "state.json").is_file():
-        ds = datasets.load_from_disk(str(path), keep_in_memory=True)
+        ds = loaded
         # a saved Dataset is one split: "train" always names it, and so does the split it was saved from
         if split not in (None, "train"):
             _check_single_split(spec, split, str(ds.split) if ds.split else "train")

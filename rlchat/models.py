@@ -250,16 +250,21 @@ def load_sft_policy(run_dir_path: str | Path, trust_remote_code: bool = False, d
     if kind not in ("lora", "full"):
         raise RunDirError(f"the sft entry in {run_path / 'run.json'} has outputs.kind {kind!r}, "
                           "expected 'lora' or 'full'", fix)
-    tok_dir = run_path / (outputs.get("tokenizer") or "sft/tokenizer")
+    # every path the manifest names is checked (inside RUN, files whole) before anything is loaded
+    tok_dir = manifest_path(run_path, outputs.get("tokenizer") or "sft/tokenizer")
+    weights_dir = manifest_path(run_path, outputs.get("model") or "sft/model") if kind == "full" else \
+        manifest_path(run_path, outputs.get("adapter") or "sft/adapter")
+    if kind == "lora":
+        if not (weights_dir / "adapter_config.json").is_file():
+            raise RunDirError(f"SFT adapter not found: {weights_dir} has no adapter_config.json", fix)
+        _read_json(weights_dir / "adapter_config.json", fix)
+    check_weights(weights_dir, f"{fix}; a finished stage keeps no resumable state")
     tokenizer = load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code)
 
     if kind == "full":
-        model_dir = run_path / (outputs.get("model") or "sft/model")
-        model = load_causal_lm(str(model_dir), trust_remote_code=trust_remote_code, dtype=dtype)
+        model = load_causal_lm(str(weights_dir), trust_remote_code=trust_remote_code, dtype=dtype)
     else:
-        adapter_dir = run_path / (outputs.get("adapter") or "sft/adapter")
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise RunDirError(f"SFT adapter not found: {adapter_dir} has no adapter_config.json", fix)
+        adapter_dir = weights_dir
         base = resolve_base_spec(run_path, outputs.get("base_model") or (rec.get("config") or {}).get("model"))
         try:
             model = load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -334,6 +339,47 @@ def seq_cls_from_causal(causal_model: "PreTrainedModel", num_labels: int = 1,
 # ------------------------------------------------------------------------------------------------------ checks
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a .safetensors file, or None if it looks whole. Reads only the header: an 8-byte length,
+    a JSON table of tensors with byte offsets; the file must end exactly where the last tensor does (a file cut
+    short by a kill or a full disk does not)."""
+    import struct
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"cut short ({size} bytes, no header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"cut short ({size} bytes, the header alone needs {n + 8})"
+            header = json.loads(f.read(n))
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except (ValueError, UnicodeDecodeError):
+        return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a table of tensors)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, ValueError, IndexError):
+        return "not a safetensors file (bad tensor table)"
+    if size != 8 + n + end:
+        return f"cut short ({size} bytes, expected {8 + n + end})" if size < 8 + n + end else \
+            f"has {size - 8 - n - end} unexpected trailing bytes"
+    return None
+
+
+def check_weights(directory: str | Path, fix: str) -> None:
+    """ModelError naming the first damaged *.safetensors file in `directory` (see `safetensors_problem`)."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelError(f"{path} is damaged: {problem}", fix)
+
+
 def _load_path(spec: str) -> str:
     return str(Path(spec).expanduser()) if is_local(spec) else spec
 
@@ -360,6 +406,8 @@ def _check_model_files(spec: str, path: Path) -> None:
         raise ModelError(f"{spec} has no config.json, so it is not a transformers model directory",
                          "pass a directory written by save_pretrained (config.json + model.safetensors), or a Hub id")
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        check_weights(path, "restore the file (or rewrite the model with save_pretrained); if a stage wrote it, "
+                            "rerun that stage with --overwrite")
         return
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         convert = (f"python -c \"from transformers import AutoModelForCausalLM as M; "
@@ -473,12 +521,27 @@ def resolve_base_spec(run_path: str | Path, base: str | None) -> str:
 _resolve_base = resolve_base_spec  # old private name, still used by stages/evaluate.py
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, fix: str = "restore or regenerate the file") -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path} is not valid JSON: {_first_line(err)}", "restore or regenerate the file") from None
+        raise ModelError(f"{path} is not valid JSON: {_first_line(err)}", fix) from None
     return data if isinstance(data, dict) else {}
+
+
+def manifest_path(run_path: str | Path, rel: str) -> Path:
+    """A path recorded in the manifest (relative to RUN), resolved; RunDirError if it leads outside the run
+    directory (a hand-edited or foreign run.json must not make a stage read or write elsewhere)."""
+    from rlchat.rundir import RunDir
+
+    try:
+        return RunDir(run_path).resolve_inside(rel)
+    except RunDirError:
+        raise RunDirError(f"{Path(run_path) / 'run.json'} names {rel}, which points outside the run directory",
+                          "restore run.json, or rerun the stage that wrote it with --overwrite") from None
+
+
+_inside = manifest_path
 
 
 def _first_line(err: BaseException) -> str:

@@ -91,6 +91,8 @@ def _write_error(path: Path | str, err: OSError) -> RunDirError:
         fix = "free some disk space (or use a run directory on another disk) and rerun; the previous file is unchanged"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "use a run directory you can write to; the previous file is unchanged"
+    elif err.errno == errno.EISDIR:
+        fix = "pass a file path, not a directory"
     else:
         fix = "check the disk and rerun; the previous file is unchanged"
     return RunDirError(f"could not write {path}: {reason}", fix)
@@ -240,7 +242,8 @@ def content_hash(path: str | Path) -> str:
         else:
             raise RunDirError(f"cannot hash {path}: no such file or directory", "check the path")
     except OSError as err:
-        raise RunDirError(f"cannot hash {path}: {(err.strerror or str(err)).lower()}", "check the path") from err
+        raise RunDirError(f"cannot read {path}: {(err.strerror or str(err)).lower()}",
+                          "check that it exists and that you may read it") from err
     return "sha256:" + h.hexdigest()
 
 
@@ -285,6 +288,29 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _pid_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None where /proc is absent.
+
+    Stored in the lock with the pid, so a lock whose pid now belongs to another process (pids are reused, quickly
+    in containers) is recognised as stale."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def _holder_alive(info: dict) -> bool:
+    """True if the process that wrote a lock (on this host) is still running."""
+    pid = int(info["pid"])
+    if not _pid_alive(pid):
+        return False
+    recorded = info.get("pid_start")
+    now = _pid_start(pid) if recorded is not None else None
+    return recorded is None or now is None or now == recorded
 
 
 class RunDir:
@@ -361,8 +387,10 @@ class RunDir:
         return self.stage_dir(stage) / "checkpoints"
 
     def has_checkpoints(self, stage: str) -> bool:
+        """True if RUN/<stage>/checkpoints holds anything but hidden entries (the tmp directory of a checkpoint
+        whose writer was killed does not count: with nothing else there the stage starts afresh)."""
         ckpt = self.checkpoints_dir(stage)
-        return ckpt.is_dir() and any(ckpt.iterdir())
+        return ckpt.is_dir() and any(not p.name.startswith(".") for p in ckpt.iterdir())
 
     def check_can_start(self, stage: str, overwrite: bool) -> str:
         """Read-only check before any work: "new" or "resume"; RunDirError if the stage cannot start.
@@ -419,7 +447,7 @@ class RunDir:
         pid, host = int(info["pid"]), info.get("host")
         if host != socket.gethostname():
             raise self._lock_owner_error(info)
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and _holder_alive(info):
             raise self._lock_owner_error(info)
 
     def lock(self, stage: str) -> str | None:
@@ -435,7 +463,8 @@ class RunDir:
                               "pass a directory path as the run directory") from err
         except OSError as err:
             raise _write_error(self.path, err) from err
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": _now()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": _now(),
+                "pid_start": _pid_start(os.getpid())}
         message = None
         for _ in range(3):
             try:
@@ -445,7 +474,7 @@ class RunDir:
                 if old is None:
                     continue  # released in between: try again
                 pid = int(old["pid"])
-                if old.get("host") != info["host"] or (pid != os.getpid() and _pid_alive(pid)):
+                if old.get("host") != info["host"] or (pid != os.getpid() and _holder_alive(old)):
                     raise self._lock_owner_error(old) from None
                 if pid != os.getpid():
                     message = (f"took over a stale lock in {self.path}: stage '{old.get('stage')}' (pid {pid}, "
@@ -502,6 +531,7 @@ class RunDir:
                 manifest["created"] = _now()
             old = manifest["stages"].get(stage)
             out = self.stage_dir(stage)
+            self._remove_stale_tmp()
             if mode == "new" and out.exists() and (old is not None or overwrite):
                 try:
                     shutil.rmtree(out)
@@ -540,6 +570,15 @@ class RunDir:
         self._t0[stage] = time.monotonic()
         log.info("%s stage '%s' in %s", "resuming" if mode == "resume" else "starting", stage, self.path)
         return out
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete tmp files of manifest writes a killed process left behind (`.run.json.*.tmp`); we hold the lock,
+        so no other process is writing one."""
+        for p in self.path.glob(".run.json.*.tmp"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
     def holds_lock(self) -> bool:
         """True if this process holds RUN/.lock."""

@@ -1,18 +1,53 @@
-"""Plumbing shared by the trainer-based stages (sft, reward): TRL config arguments, checkpoints, lifecycle.
+"""Plumbing shared by the stages: TRL config arguments, checkpoints and resume, lifecycle, resource errors.
 
-- `trainer_args(cfg, out_dir, has_eval)`: the TrainingArguments keywords every stage sets the same way
+- `trainer_args(cfg, out_dir, has_eval)`: the TrainingArguments keywords sft and reward set the same way
   (explicit bf16/fp32 choice: TRL's default bf16=True fails on CPU; gradient checkpointing only when asked;
-  safetensors checkpoints; our own progress bar instead of tqdm).
-- `last_complete_checkpoint(dir)`: the newest `checkpoint-N` whose `trainer_state.json` parses. The Trainer writes
-  that file last, so a checkpoint killed mid-write is skipped and the previous one is used.
-- `stage_lifecycle(run, stage, ...)`: marks the stage failed in the manifest if anything raises.
+  safetensors checkpoints; our own progress bar instead of tqdm; tracker files inside RUN/<stage>/).
+- `last_complete_checkpoint(dir)`: the newest `checkpoint-N` that is complete (`checkpoint_problem`): its
+  trainer_state.json parses (the Trainer writes it last), its safetensors files are whole and its torch-saved
+  files are readable archives. A checkpoint killed mid-write is skipped and the previous one is used.
+- `prepare_resume(stage_dir, resume_from)`: before a resumed (or restarted) run trains, removes what the killed
+  process left half-done (`remove_leftovers`: tmp files and directories; incomplete checkpoints) and the metrics
+  rows it logged after the checkpoint, so metrics.jsonl reads as one uninterrupted run.
+- `train_or_restore(trainer, resume_from, end_step)`: trainer.train() resuming from the checkpoint, except when
+  that checkpoint is already the last step (restored without training: transformers would add a step).
+- `stage_lifecycle(run, stage)`: marks the stage failed in the manifest if anything raises; a full disk, a
+  read-only run directory or running out of memory become one-line RlchatErrors (see `resource_error`).
+- `oom_guard(stage)`: out-of-memory errors (torch.OutOfMemoryError, "CUDA out of memory" RuntimeErrors,
+  MemoryError) as one-line errors that name the flags that lower memory use.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import re
+import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from rlchat.errors import RlchatError, RunDirError
+
+log = logging.getLogger("rlchat")
+
+# Flags that lower peak memory, per stage (named in the out-of-memory error).
+OOM_KNOBS = {
+    "sft": "lower --batch-size (raise --grad-accum to keep the effective batch), lower --max-length, or pass "
+           "--gradient-checkpointing",
+    "reward": "lower --batch-size (raise --grad-accum to keep the effective batch), lower --max-length, or pass "
+              "--gradient-checkpointing",
+    "ppo": "lower --batch-size or split it with --mini-batches / --grad-accum, lower --response-length or "
+           "--max-prompt-length, or pass --gradient-checkpointing",
+    "eval": "lower --batch-size or --max-new-tokens",
+}
+RESUMABLE = ("sft", "reward", "ppo")  # stages that keep checkpoints
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class OutOfMemory(RlchatError):
+    """The accelerator (or the host) ran out of memory; the fix names the flags that need less."""
 
 
 def trainer_args(cfg, out_dir: Path, has_eval: bool) -> dict:
@@ -49,38 +84,247 @@ def trainer_args(cfg, out_dir: Path, has_eval: bool) -> dict:
     )
     if cfg.report_to == "tensorboard":
         args["logging_dir"] = str(out_dir.parent / "tensorboard")
+    if cfg.report_to == "wandb":  # wandb writes its files to ./wandb unless told: keep them in RUN/<stage>/
+        os.environ.setdefault("WANDB_DIR", str(out_dir.parent))
     return args
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest `checkpoint-N` in ckpt_dir whose trainer_state.json is complete JSON, or None."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `checkpoint-N` directory, newest first."""
     found = []
     for p in ckpt_dir.iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    for _, path in sorted(found, reverse=True):
+    return sorted(found, reverse=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from, or None if it is complete.
+
+    The Trainer writes trainer_state.json last, so a process killed mid-checkpoint leaves it missing or cut short.
+    The weights (safetensors headers and sizes) and the torch-saved optimizer/scheduler/RNG files (zip archives:
+    their central directory is at the end) are checked as well, cheaply, without loading them.
+    """
+    import zipfile
+
+    from rlchat.models import safetensors_problem
+
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError):
+        return "trainer_state.json is cut short"
+    for f in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            return f"{f.name}: {problem}"
+    for f in sorted(list(path.glob("*.pt")) + list(path.glob("*.pth"))):
         try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue  # killed while this checkpoint was being written: fall back to an older one
-        return path
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{f.name} is cut short ({err})"
+    return None
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest `checkpoint-N` in ckpt_dir that is complete (see `checkpoint_problem`), or None.
+
+    Checkpoints killed while being written are skipped (logged), so the previous one is used."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    for _, path in _checkpoints(ckpt_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping incomplete checkpoint %s (%s)", path, problem)
+    return None
+
+
+# settings that shape the saved weights: a resume must keep them (batch size, lengths, lr, ... may change, e.g.
+# to get past an out-of-memory error)
+RESUME_KEYS = ("full", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+def check_resume_settings(run, stage: str, cfg) -> None:
+    """RunDirError when resuming `stage` with settings its checkpoints cannot be loaded with."""
+    old_cfg = (run.record(stage) or {}).get("config") or {}
+    changed = [k for k in RESUME_KEYS if k in old_cfg and hasattr(cfg, k) and old_cfg[k] != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"{k} {old_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained with "
+                          f"{detail}", "rerun with the same settings to resume, or add --overwrite to start afresh")
+
+
+def _step(row: dict) -> float:
+    step = row.get("step", 0)
+    return step if isinstance(step, (int, float)) else 0
+
+
+def remove_leftovers(stage_dir: Path) -> list[str]:
+    """Delete what interrupted atomic writes left in RUN/<stage>/ and RUN/<stage>/checkpoints/: tmp files
+    (`.NAME.*.tmp`), tmp directories (`.NAME.tmp-*`) and replaced directories not yet deleted (`.NAME.old-*`).
+    Only while holding the run's lock (no other process writes there). Returns the names removed."""
+    removed = []
+    for folder in (Path(stage_dir), Path(stage_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and re.search(r"\.(tmp-|old-)|\.tmp$", p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+def prepare_resume(stage_dir: Path, resume_from: Path | None) -> None:
+    """Clean up after a killed run, before the same stage trains again in `stage_dir` (we hold the run's lock).
+
+    - tmp files and directories of interrupted atomic writes (`.NAME.tmp-*`, `.NAME.*.tmp`, `.NAME.old-*`);
+    - checkpoint directories that are not complete (the Trainer would later write into them, or rotate a good one
+      away in their favour);
+    - metrics.jsonl rows logged after `resume_from`'s step (they are logged again), or all of them when training
+      starts over (`resume_from` None).
+    """
+    from rlchat.rundir import atomic_write_text
+
+    stage_dir = Path(stage_dir)
+    ckpt_dir = stage_dir / "checkpoints"
+    remove_leftovers(stage_dir)
+    if ckpt_dir.is_dir():
+        for _, path in _checkpoints(ckpt_dir):
+            if path != resume_from and checkpoint_problem(path) is not None:
+                shutil.rmtree(path, ignore_errors=True)
+    metrics = stage_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    if resume_from is None:
+        metrics.unlink()
+        return
+    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
+    last = state.get("global_step", 0)
+    keep = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if isinstance(row, dict) and _step(row) <= last:
+            keep.append(line)
+    atomic_write_text(metrics, "".join(line + "\n" for line in keep))
+
+
+def final_step(cfg, old_config: dict | None, resume_from: Path | None) -> int | None:
+    """The global step at which this training ends, when it is known before training: --max-steps, or (epochs)
+    the max_steps the checkpoint recorded if the settings that decide it are unchanged. None if unknown."""
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    if resume_from is None or not old_config:
+        return None
+    keys = ("epochs", "batch_size", "grad_accum", "eval_fraction", "packing", "max_length")
+    if any(old_config.get(k) != getattr(cfg, k, None) for k in keys if k in old_config):
+        return None
+    state = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps")
+
+
+def train_or_restore(trainer, resume_from: Path | None, end_step: int | None):
+    """trainer.train(), resuming from `resume_from` (or from scratch); returns its TrainOutput.
+
+    A checkpoint that already reached `end_step` (the run was killed after its last training step, while writing
+    the outputs) is restored without training: transformers 5 would run one step past max_steps when resuming
+    from it (it checks max_steps only after a step)."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if resume_from is not None and end_step is not None:
+        state_path = Path(resume_from) / "trainer_state.json"
+        if json.loads(state_path.read_text(encoding="utf-8")).get("global_step", 0) >= end_step:
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(state_path))
+            losses = [h["loss"] for h in trainer.state.log_history if isinstance(h.get("loss"), (int, float))]
+            loss = sum(losses) / len(losses) if losses else float("nan")
+            return TrainOutput(trainer.state.global_step, loss, {})
+    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for torch.OutOfMemoryError (CUDA, MPS), RuntimeErrors that say "out of memory", and MemoryError."""
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def resource_error(stage: str, err: BaseException) -> RlchatError | None:
+    """`err` as a one-line RlchatError when it is a resource problem (out of memory, full disk, read-only or
+    unwritable run directory), else None."""
+    if isinstance(err, RlchatError):
+        return None
+    if is_oom(err):
+        what = _first_line(err) if not isinstance(err, MemoryError) else "host memory exhausted"
+        knobs = OOM_KNOBS.get(stage, "lower --batch-size")
+        then = ("then rerun: it resumes from the last checkpoint" if stage in RESUMABLE else "then rerun")
+        return OutOfMemory(f"{stage} ran out of memory ({what[:200]})", f"{knobs}; {then}")
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        where = err.filename or "the run directory"
+        kept = ("the last complete checkpoint is kept and the same command resumes from it" if stage in RESUMABLE
+                else "then rerun; finished stages are unchanged")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+            return RunDirError(f"{stage} could not write {where}: {reason}",
+                               f"free some disk space (or move the run directory to a bigger disk); {kept}")
+        if err.errno == errno.EROFS:
+            return RunDirError(f"{stage} could not write {where}: read-only file system",
+                               f"use a run directory on a writable file system; {kept}")
+        return RunDirError(f"{stage} could not access {where}: permission denied",
+                           f"check the permissions of the run directory and its files; {kept}")
     return None
 
 
 @contextmanager
+def oom_guard(stage: str):
+    """Turn out-of-memory errors raised in the block into `OutOfMemory` (one line, naming the stage's memory
+    flags). Other errors pass through unchanged.
+
+        with oom_guard("ppo"):
+            ...  # generate, forward, backward
+    """
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - only OOM errors are converted
+        if is_oom(err):
+            raise resource_error(stage, err) from None
+        raise
+
+
+@contextmanager
 def stage_lifecycle(run, stage: str):
-    """Mark the stage failed (with the error) if the body raises, then re-raise."""
+    """Mark the stage failed (with the error) if the body raises, then re-raise.
+
+    Resource errors (out of memory, no space left, read-only or unwritable run directory) are re-raised as
+    one-line RlchatErrors (`resource_error`), so the CLI prints what to do instead of a traceback."""
     try:
         yield
     except BaseException as err:  # KeyboardInterrupt too: the manifest must not say "running" forever
+        converted = resource_error(stage, err)
+        text = converted.one_line() if converted is not None else f"{type(err).__name__}: {err}"
         try:
-            run.fail_stage(stage, f"{type(err).__name__}: {err}"[:500])
+            run.fail_stage(stage, text[:500])
         except Exception:  # noqa: BLE001 - never mask the original error
             pass
+        if converted is not None:
+            raise converted from None
         raise
 
 

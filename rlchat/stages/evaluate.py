@@ -298,6 +298,8 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
     if (policy_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        models.check_weights(policy_dir, "rerun ppo for this run directory with --overwrite; a finished stage keeps "
+                                         "no resumable state")
         try:
             model = PeftModel.from_pretrained(sft_model, str(policy_dir))
         except Exception as err:  # noqa: BLE001
@@ -445,6 +447,15 @@ def load_prompts(cfg, run) -> tuple[list[Prompt], str]:
 
 
 def run(cfg) -> dict:
+    """Evaluate the run's policies (steps 1-5 of the module docstring); returns report.json's content + summary.
+    Running out of memory is a one-line error naming --batch-size and --max-new-tokens."""
+    from rlchat.stages.common import oom_guard
+
+    with oom_guard("eval"):
+        return _run(cfg)
+
+
+def _run(cfg) -> dict:
     from rlchat import models
     from rlchat.config import to_dict
     from rlchat.progress import console

@@ -274,12 +274,14 @@ class Base:
 
 
 def _sft_weights_dir(run, rec: dict) -> Path:
+    from rlchat import models
+
     outputs = rec.get("outputs") or {}
     rel = outputs.get("adapter") if outputs.get("kind") == "lora" else outputs.get("model")
     if not rel:
         raise RunDirError(f"the sft entry in {run.manifest_path} names no adapter or model directory",
                           "rerun `rlchat sft` for this run directory with --overwrite")
-    path = run.path / rel
+    path = models.manifest_path(run.path, rel)
     if not path.is_dir():
         raise RunDirError(f"SFT weights not found at {path}", "rerun `rlchat sft` for this run directory with "
                           "--overwrite, or pass --model to train the reward model from another model")
@@ -323,7 +325,9 @@ def run(cfg) -> dict:
     from rlchat.config import to_dict, to_yaml
     from rlchat.progress import TrainerProgress, console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
-    from rlchat.stages.common import last_complete_checkpoint, quiet_libraries, stage_lifecycle, trainer_args
+    from rlchat.stages.common import (check_resume_settings, final_step, last_complete_checkpoint, oom_guard,
+                                      prepare_resume, quiet_libraries, stage_lifecycle, train_or_restore,
+                                      trainer_args)
 
     t_start = time.time()
     # 1. validate everything before the first write
@@ -335,6 +339,7 @@ def run(cfg) -> dict:
     base = resolve_base(run, cfg.model)
     dataset_record = input_record(cfg.dataset)
     if mode == "resume":  # the checkpoints must continue the same training
+        check_resume_settings(run, STAGE, cfg)
         old = (run.record(STAGE) or {}).get("inputs") or {}
         old_base, old_data = old.get("base") or {}, old.get("dataset") or {}
         if old_base.get("name") != base.name or old_base.get("hash") != base.hash:
@@ -357,7 +362,8 @@ def run(cfg) -> dict:
     train_ds, eval_ds = data.split_eval(kept, cfg.eval_fraction, cfg.seed)
 
     quiet_libraries()
-    causal, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
+    with oom_guard(STAGE):
+        causal, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
     tokenizer.padding_side = "right"  # training batches are right-padded (TRL's collator); recorded when saved
     train_cols, n_trunc_train, collapsed_train = tokenize_pairs([by_row[r] for r in train_ds["_row"]], tokenizer,
                                                                 cfg.max_length)
@@ -396,15 +402,18 @@ def run(cfg) -> dict:
     inputs = {"dataset": dataset_record,
               "base": {"name": base.name, "hash": base.hash},
               "model": input_record(cfg.model, hash=False) if cfg.model else None}
+    old_config = (run.record(STAGE) or {}).get("config") if mode == "resume" else None
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=None if cfg.model else "sft",
                                 overwrite=cfg.overwrite)
-    with stage_lifecycle(run, STAGE):
+    with stage_lifecycle(run, STAGE), oom_guard(STAGE):
         atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
         from trl import RewardConfig as TrlRewardConfig
         from trl import RewardTrainer
 
         ckpt_dir = stage_dir / "checkpoints"
         resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
+        if mode == "resume":
+            prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
         args = TrlRewardConfig(
             **trainer_args(cfg, ckpt_dir, has_eval=eval_set is not None),
             max_length=None,   # TRL would drop longer pairs; every pair was already truncated to fit above
@@ -425,7 +434,7 @@ def run(cfg) -> dict:
         trainable, total = models.count_parameters(trainer.model)
         if resume_from is not None:
             console.print(f"[yellow]reward: resuming from {resume_from.name}[/]")
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = train_or_restore(trainer, resume_from, final_step(cfg, old_config, resume_from))
         trl_eval = next((h for h in reversed(trainer.state.log_history) if "eval_accuracy" in h), {})
 
         # 3. our own held-out scoring (the numbers PPO normalises with), then the outputs
@@ -516,14 +525,24 @@ def check_reward_base(run_path: str | Path) -> Base:
     """The base a LoRA reward adapter was trained on, checked against the run as it is now.
 
     Raises ModelError when the SFT model (or the local --model directory) changed since the reward model was
-    trained: the adapter would then sit on weights it was not trained with. Returns the Base.
+    trained: the adapter would then sit on weights it was not trained with; or when the reward adapter or the SFT
+    weights are damaged (a .safetensors file cut short). Returns the Base.
     """
+    from rlchat import models
+    from rlchat.models import check_weights
     from rlchat.rundir import RunDir
 
     run = RunDir(run_path)
     outputs = _reward_record(run)["outputs"]
+    # damaged files first: a cut-short adapter must not load, and a damaged SFT file would read as "changed"
+    check_weights(models.manifest_path(run.path, outputs.get("adapter") or "reward/adapter"),
+                  f"rerun `rlchat train-reward --run-dir {run.path} --dataset PAIRS --overwrite`; a finished stage "
+                  "keeps no resumable state")
     name, recorded = outputs.get("base"), outputs.get("base_hash")
     base = resolve_base(run, None if name == "sft" else (outputs.get("base_path") or name))
+    if name == "sft" and base.path is not None:
+        check_weights(base.path, f"rerun `rlchat sft --run-dir {run.path} --overwrite`, then train-reward with "
+                                 "--overwrite; a finished stage keeps no resumable state")
     if recorded is not None and base.hash != recorded:
         what = "the run's SFT model" if name == "sft" else f"the model at {name}"
         raise ModelError(f"the reward adapter in {run.stage_dir(STAGE)} was trained on a different version of "
@@ -546,13 +565,20 @@ def load_reward_model(run_path: str | Path, trust_remote_code: bool = False, dev
     run = RunDir(run_path)
     outputs = _reward_record(run)["outputs"]
     base = check_reward_base(run.path) if outputs["kind"] == "lora" else None  # before loading anything
-    tokenizer = models.load_tokenizer(str(run.path / outputs.get("tokenizer", "reward/tokenizer")),
-                                      trust_remote_code=trust_remote_code)
+    fix = (f"rerun `rlchat train-reward --run-dir {run.path} --dataset PAIRS --overwrite`; a finished stage keeps "
+           "no resumable state")
+    if outputs["kind"] == "full":
+        weights = models.manifest_path(run.path, outputs.get("model") or "reward/model")
+    else:
+        weights = models.manifest_path(run.path, outputs.get("adapter") or "reward/adapter")
+    models.check_weights(weights, fix)
+    tok_dir = models.manifest_path(run.path, outputs.get("tokenizer") or "reward/tokenizer")
+    tokenizer = models.load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     if outputs["kind"] == "full":
         from transformers import AutoModelForSequenceClassification
 
-        path = run.path / (outputs.get("model") or "reward/model")
+        path = weights
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
@@ -563,7 +589,7 @@ def load_reward_model(run_path: str | Path, trust_remote_code: bool = False, dev
     else:
         from peft import PeftModel
 
-        adapter = run.path / (outputs.get("adapter") or "reward/adapter")
+        adapter = weights
         if not (adapter / "adapter_config.json").is_file():
             raise RunDirError(f"reward adapter not found: {adapter} has no adapter_config.json",
                               "rerun `rlchat train-reward` with --overwrite")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlchat.errors import ConfigError, RunDirError
 
+
 def check_resume_matches(run, cfg, inputs: dict) -> None:
     """RunDirError when a resume would continue checkpoints trained on another model, dataset or weight layout."""
     from rlchat.stages.common import check_resume_settings
@@ -59,7 +60,7 @@ def run(cfg) -> dict:
     if mode == "resume":
         check_resume_matches(run, cfg, inputs)
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
-    fmt = data.detect_sft_format(ds)
+    fmt = data.detect_sft_format(ds, cfg.dataset)
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
     train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
     quiet_libraries()
