@@ -20,15 +20,9 @@ step() {  # name, command...
 step data rlchat demo-data .demo/data
 # 1-4. the pipeline
 step sft rlchat sft --config "$RECIPE" --run-dir "$RUN" --overwrite
-if rlchat train-reward --help >/dev/null 2>&1 && [ -f rlchat/stages/reward.py ]; then
-  step reward rlchat train-reward --config "$RECIPE" --run-dir "$RUN" --overwrite
-fi
-if [ -f rlchat/stages/ppo.py ]; then
-  step ppo rlchat ppo --config "$RECIPE" --run-dir "$RUN" --overwrite
-fi
-if [ -f rlchat/stages/evaluate.py ]; then
-  step eval rlchat eval --config "$RECIPE" --run-dir "$RUN" --overwrite
-fi
+step reward rlchat train-reward --config "$RECIPE" --run-dir "$RUN" --overwrite
+step ppo rlchat ppo --config "$RECIPE" --run-dir "$RUN" --overwrite
+step eval rlchat eval --config "$RECIPE" --run-dir "$RUN" --overwrite
 rlchat status "$RUN"
 [ -f "$RUN/eval/report.md" ] && cat "$RUN/eval/report.md"
 echo -n "stage times (s):"

@@ -103,14 +103,14 @@ def test_writer_deterministic(tmp_path):
 def test_formats_and_disjoint_prompts(data):
     rows, _ = data
     sft, pairs, prompts, eval_prompts = rows["sft"], rows["pairs"], rows["prompts"], rows["eval_prompts"]
-    assert len(sft) == 300 and len(pairs) == 1000 and len(prompts) == 96 and len(eval_prompts) == 64
+    assert len(sft) == 300 and len(pairs) == 1000 and len(prompts) == 96 and len(eval_prompts) == 128
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
     assert all(set(r) == {"prompt", "chosen", "rejected"} and r["prompt"][0]["role"] == "user"
                and r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant" for r in pairs)
     train = {r["messages"][0]["content"] for r in sft} | {_user_text(r["prompt"]) for r in pairs}
     ppo = {_user_text(r["prompt"]) for r in prompts}
     held = {_user_text(r["prompt"]) for r in eval_prompts}
-    assert len(ppo) == 96 and len(held) == 64
+    assert len(ppo) == 96 and len(held) == 128
     assert not train & ppo and not train & held and not ppo & held
 
 

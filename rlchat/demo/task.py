@@ -106,7 +106,7 @@ def all_prompts() -> list[tuple[str, str, str]]:
     return [(t.format(item=f"{c} {n}"), c, n) for n in THINGS for c in COLORS for t in PROMPT_TEMPLATES]
 
 
-def split_prompts(seed: int = 0, n_prompts: int = 96, n_eval: int = 64) -> dict[str, list[tuple[str, str, str]]]:
+def split_prompts(seed: int = 0, n_prompts: int = 96, n_eval: int = 128) -> dict[str, list[tuple[str, str, str]]]:
     """Split all prompts into disjoint `train` (SFT + pairs), `ppo` and `eval` lists, deterministically."""
     items = all_prompts()
     random.Random(f"split-{seed}").shuffle(items)
@@ -310,7 +310,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_demo_data(out_dir, seed: int = 0, n_sft: int = 2000, n_pairs: int = 2000, n_prompts: int = 96,
-                    n_eval: int = 64) -> dict[str, Path]:
+                    n_eval: int = 128) -> dict[str, Path]:
     """Write sft.jsonl, pairs.jsonl, prompts.jsonl (PPO) and eval_prompts.jsonl (held out) into `out_dir`.
 
     Returns {"sft": path, "pairs": path, "prompts": path, "eval_prompts": path}. Same seed -> same bytes.
