@@ -24,7 +24,43 @@ import typer
 from rlchat import __version__
 from rlchat.errors import RlchatError
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, UsageError
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (unknown flag, bad value, missing argument) as one `error:` line, exit code 2, like every other
+    rlchat error, instead of click's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as err:
+            from rich.markup import escape
+
+            from rlchat.progress import console
+
+            if not err.format_message().strip():  # `rlchat` alone: the help was printed already
+                sys.exit(err.exit_code)
+            cmd = err.ctx.command_path if err.ctx is not None else "rlchat"
+            console.print(f"[bold red]error:[/] {escape(err.format_message().rstrip('.'))}. Fix: see "
+                          f"`{escape(cmd)} --help`.", soft_wrap=True, highlight=False)
+            sys.exit(err.exit_code)
+        except ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="rlchat",
     help="RLHF pipelines from the shell: supervised fine-tuning, reward model, PPO with LoRA, evaluation. "
     "Every stage reads and writes one shared run directory (--run-dir).",
@@ -346,6 +382,8 @@ def new_model(
     from rlchat.progress import console
 
     try:
+        if out.exists() and not out.is_dir():
+            raise RlchatError(f"{out} exists and is a file", "choose a directory path for the model")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise RlchatError(f"{out} exists and is not empty", "choose another directory or pass --overwrite")
         from rlchat import tiny
@@ -372,7 +410,16 @@ def demo_data(
     from rlchat.demo.task import write_demo_data
     from rlchat.progress import console
 
-    paths = write_demo_data(out, seed=seed)
+    try:
+        if out.exists() and not out.is_dir():
+            raise RlchatError(f"{out} exists and is a file", "choose a directory path for the demo data")
+        try:
+            paths = write_demo_data(out, seed=seed)
+        except OSError as err:
+            raise RlchatError(f"could not write the demo data to {out}: {(err.strerror or str(err)).lower()}",
+                              "choose a directory you can write to") from None
+    except RlchatError as err:
+        fail(err)
     console.print("[bold green]demo-data:[/] " + ", ".join(f"{k}={v}" for k, v in paths.items()))
 
 

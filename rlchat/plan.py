@@ -135,7 +135,8 @@ def plan_recipe(recipe: str, overrides: dict | None = None) -> list[dict]:
         except ConfigError as err:
             problems += [f"{stage}: {p}" for p in err.problems if f"{stage}: {p}" not in problems]
     if problems:
-        raise ConfigError(sorted(set(problems), key=problems.index))
+        raise ConfigError(sorted(set(problems), key=problems.index),
+                          "fix the keys and values listed; each stage command's --help describes every option")
     base = getattr(cfgs.get("sft"), "model", None)
     return [plan_stage(stage, cfgs[stage], base_model=base) for stage in stages]
 

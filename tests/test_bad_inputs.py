@@ -105,15 +105,8 @@ class Ctx:
 # name -> builder(ctx) -> (args, phrase the error line must contain, directory that must stay unchanged)
 Case = Callable[[Ctx], tuple[list, str, Path]]
 CASES: dict[str, Case] = {}
-# cases that still fail in code this suite may not change (see the reliability report); xfail until fixed
-KNOWN_BUGS = {
-    "new-model: OUT is a file": "cli.new_model calls out.iterdir() on a file (NotADirectoryError, exit 1)",
-    "demo-data: OUT is a file": "cli.demo_data does not catch the OSError of write_demo_data (exit 1)",
-}
-
-
-# cases whose error has no "Fix:" part yet (owned elsewhere; see the reliability report)
-NO_FIX_YET = {"plan: unknown key in a stage section": "plan.plan_recipe raises ConfigError(problems) without a fix"}
+# cases that still fail (xfail until fixed); empty when every bad input is handled
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def case(name: str):
@@ -590,7 +583,7 @@ def test_bad_input(name, tmp_path, tiny_model, demo_data, finished_run, monkeypa
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, out
     assert phrase.lower() in errors[0].lower(), errors[0]
-    assert "Fix:" in errors[0] or name in NO_FIX_YET, errors[0]
+    assert "Fix:" in errors[0], errors[0]
     assert snapshot(watched) == before, "the bad input changed files"
     assert snapshot(finished_run) == shared_before, "the shared run directory changed"
 
@@ -629,7 +622,6 @@ def test_usage_error_exits_2_and_names_the_flag(name, tmp_path):
     assert phrase in res.output
 
 
-@pytest.mark.xfail(reason="click/typer print usage errors in a multi-line box; cli.py change requested", strict=False)
 @pytest.mark.parametrize("name", list(USAGE))
 def test_usage_error_is_one_error_line(name):
     args, phrase = USAGE[name]
