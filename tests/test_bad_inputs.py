@@ -5,7 +5,7 @@ Each case is a small builder in CASES: it makes its bad files under a fresh tmp 
 arguments, a phrase the error line must contain, and the directory that must be left untouched. The shared
 fixtures are built once per module through the CLI itself: a finished tiny SFT run with a reward stage on top.
 `tests/test_cli.py` keeps its SFT cases (missing/empty/malformed dataset, unknown recipe key, zero lr, ...);
-none is repeated here. docs/troubleshooting.md lists every case with its fix.
+none is repeated here. README.md (Troubleshooting) lists every case with its fix.
 """
 from __future__ import annotations
 
