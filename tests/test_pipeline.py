@@ -34,7 +34,8 @@ def test_demo_pipeline_ppo_beats_sft_on_the_gold_judge(tmp_path, monkeypatch):
         "reward: {dataset: .demo/data/pairs.jsonl, epochs: 1, lr: 3.0e-3, batch_size: 32, max_length: 128,"
         " lora_r: 32, lora_alpha: 64, lora_dropout: 0.0, logging_steps: 10, save_steps: 1000}\n"
         "ppo: {dataset: .demo/data/prompts.jsonl, episodes: 1024, batch_size: 32, mini_batches: 2, ppo_epochs: 4,"
-        " response_length: 48, temperature: 1.0, lr: 1.0e-3, kl_coef: 0.02, save_every: 1000}\n"
+        " response_length: 48, temperature: 1.0, lr: 1.0e-3, kl_coef: 0.05, missing_eos_penalty: 1.0,"
+        " save_every: 1000}\n"
         "eval: {dataset: .demo/data/eval_prompts.jsonl, judge: 'rlchat.demo.task:judge', temperature: 1.0,"
         " max_new_tokens: 48, batch_size: 64}\n")
     cli("new-model", ".demo/model", "--size", "demo", "--corpus", "demo")
