@@ -24,7 +24,18 @@ def cli(*args):
 
 @pytest.mark.slow
 def test_demo_pipeline_ppo_beats_sft_on_the_gold_judge(tmp_path, monkeypatch):
+    import torch
+
     monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread count changes float summation order; 1 thread reproduces the calibration
+    try:
+        _run_and_check(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_and_check(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     # recipes/demo.yaml, shrunk: fewer SFT epochs, one reward epoch, fewer PPO episodes
     recipe.write_text(
@@ -48,8 +59,12 @@ def test_demo_pipeline_ppo_beats_sft_on_the_gold_judge(tmp_path, monkeypatch):
     summary = (f"judge sft {sft['mean_judge']:.3f} -> ppo {ppo['mean_judge']:.3f}, win {cmp['win_rate_judge']:.2f} "
                f"{cmp['ci_judge']}, kl {ppo['kl_to_ref']:.2f}")
     print(summary)
-    assert ppo["mean_judge"] > sft["mean_judge"] + 0.08, summary
-    assert cmp["ci_judge"][0] > 0.5, summary  # the win rate's 95% interval lies above a coin flip
+    # Calibration (1 thread, seed 0): judge 0.738 -> 0.819, win rate 0.61 [0.52, 0.69], KL 1.96.
+    # A PPO that does not learn (sign flipped, lr 0, reward ignored) gives sft's judge score give or take sampling
+    # noise: the difference of two 128-prompt means has sd ~0.03 and the win rate sd ~0.04 around 0.5, so these
+    # bounds sit two standard deviations above what a broken PPO reaches.
+    assert ppo["mean_judge"] > sft["mean_judge"] + 0.06, summary
+    assert cmp["win_rate_judge"] > 0.58, summary
     # no collapse: still stops, still says different things
     assert ppo["eos_rate"] > 0.9 and ppo["distinct_2"] > 0.5 * sft["distinct_2"], summary
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
