@@ -403,7 +403,6 @@ def test_reward_model_on_text_and_separate_models(tmp_path, tiny_model, demo_dat
     tok.save_pretrained(str(rm_dir))
     # the text path scores prompt + completion through the reward model's chat template, padding on the right
     rm = TextRewardModel.load(rm_dir)
-    rm.tokenizer.padding_side = "right"
     messages = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Describe the red fox."}]]
     completions = ["Hello there.", "The red fox lives in the forest. Hope this helps!"]
     got = rm(messages, completions)
@@ -421,6 +420,40 @@ def test_reward_model_on_text_and_separate_models(tmp_path, tiny_model, demo_dat
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert "objective/scores_model" in rows[0] and "objective/scores_fn" not in rows[0]
     assert (run / "ppo" / "policy" / "adapter_config.json").exists()
+
+
+def test_shared_critic_trains_the_value_head_on_the_policy(tmp_path, tiny_model, reward_run, demo_data):
+    """value_model "policy": no value adapter, one training pass; the value loss reaches the policy's LoRA."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlchat.rollout import POLICY_AND_VALUE, build_shared, score_rollout
+    from rlchat.stages import ppo
+
+    from rlchat import models
+
+    tok = models.load_tokenizer(str(tiny_model))
+    model = build_shared(models.load_causal_lm(str(tiny_model)), models.lora_config(8, 16, 0.0, "all-linear"),
+                         None, shared_critic=True)
+    assert not any(".value." in n for n, _ in model.named_parameters())
+    prompt_ids, prompt_mask = prompt_batch(tok, PROMPTS)
+    ro = score_rollout(model, prompt_ids, prompt_mask, torch.randint(10, len(tok), (3, 5)), [tok.eos_token_id],
+                       tok.pad_token_id)
+    assert torch.equal(ro.values, torch.zeros_like(ro.values))  # the head starts at 0
+    with torch.no_grad():
+        model.value_head.weight.normal_(0.0, 1.0)
+    logprobs, values = model(ro.input_ids, ro.attention_mask, ro.response_ids, POLICY_AND_VALUE)
+    values.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if ".policy." in n and "lora_B" in n)  # (A gets none while B is still 0)
+
+    run = fresh_run(reward_run, tmp_path)
+    cfg = ppo_cfg(run, tiny_model, demo_data["prompts"], episodes=16)
+    cfg.value_model = "policy"  # not yet a PPOConfig field
+    metrics = ppo.run(cfg)
+    assert metrics["value_model"] == "policy" and metrics["steps"] == 2
+    assert json.loads((run / "ppo" / "value" / "value_model.json").read_text()) == {"value_model": "policy"}
+    assert load_file(str(run / "ppo" / "value" / "value_head.safetensors"))["weight"].abs().sum() > 0
 
 
 def test_finished_ppo_refuses_rerun_without_overwrite(finished_run, tiny_model, demo_data):
@@ -523,6 +556,20 @@ def test_nan_reward_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, 
     ckpt = run / "ppo" / "checkpoints" / "step-2"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert (ckpt / "policy" / "adapter_model.safetensors").exists()
+
+    # resuming with other model settings would load the wrong weights: refused, nothing touched
+    before = snapshot(run)
+    good = write_fn(tmp_path, "def reward(prompts, completions):\n    return [0.5] * len(completions)\n", "ok.py")
+    with pytest.raises(RunDirError, match="separate_models False -> True"):
+        ppo.run(ppo_cfg(run, tiny_model, demo_data["prompts"], reward_fn=f"{good}:reward", reward_model_weight=0.0,
+                        episodes=40, separate_models=True))
+    assert snapshot(run) == before
+    # the same settings (and a fixed reward function) resume from step-2 and finish
+    metrics = ppo.run(ppo_cfg(run, tiny_model, demo_data["prompts"], reward_fn=f"{good}:reward",
+                              reward_model_weight=0.0, episodes=40))
+    assert metrics["resumed_from"] == "step-2" and metrics["steps"] == 5
+    rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------------------------------------------- slow
@@ -642,14 +689,16 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     newest = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert newest < 8, "killed too late to test resuming"
 
-    out = subprocess.run([sys.executable, "-c", RUNNER, args(run)], env=env, check=True, capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", RUNNER, args(run)], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["resumed_from"] == f"step-{newest}"
     entry = json.loads((run / "run.json").read_text())["stages"]["ppo"]
     assert entry["status"] == "done" and entry["resumed"] is True
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))  # no step lost, none logged twice
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # no half-written checkpoint left
     ref_rows = [json.loads(line) for line in (ref / "ppo" / "metrics.jsonl").read_text().splitlines()]
     # resuming restores weights, optimizer, scheduler, RNG and the prompt order: the same numbers as without a kill
     for a, b in zip(rows, ref_rows):

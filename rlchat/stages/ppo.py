@@ -9,6 +9,9 @@ What `run(cfg)` does, in order:
      LoRA with B = 0, so policy == reference at step 0), the reference is the base with no adapter, the value
      model is a second adapter plus a scalar head initialised from the reward model's adapter and head, and the
      reward model is a third, frozen adapter with its score head. `--separate-models` loads four models instead.
+     `value_model: policy` (a shared critic) drops the value adapter: the value head reads the policy's hidden
+     states and one pass per micro-batch trains both (about half the training compute; the value loss then also
+     moves the policy's LoRA, so it is not the default).
   3. the PPO loop; every step:
        1. take batch_size prompts (shuffled each pass over the dataset, seeded)
        2. sample responses (temperature, top_p, at most response_length new tokens); cut each after its first EOS
@@ -47,6 +50,8 @@ metrics.jsonl: one JSON row every `logging_steps` PPO steps, keys:
     response/eos_rate           fraction of responses that ended with an EOS within response_length
     lr                          learning rate after this step (linear decay to 0 over the run)
     kl_coef                     KL coefficient used for this step's rewards
+    shape/prompt_width          P: prompt tokens per row after left padding (the longest prompt of the batch)
+    shape/response_width        R: generated tokens per row (the longest response; generation stops when all end)
     time/generation_s           seconds spent sampling responses this step
     time/scoring_s              seconds in the rollout forward pass and the reward sources
     time/training_s             seconds in the PPO epochs (forward, backward, optimizer)
@@ -185,7 +190,6 @@ def resolve_rewards(cfg, run, base) -> RewardPlan:
     if use_model and cfg.reward_model:
         path = Path(cfg.reward_model).expanduser()
         plan.text_model = rewards.TextRewardModel.load(path, trust_remote_code=cfg.trust_remote_code)
-        plan.text_model.tokenizer.padding_side = "right"
         if cfg.normalize_reward:
             plan.stats = rewards.read_reward_stats(path / "reward_stats.json") or rewards.read_reward_stats(
                 path.parent / "reward_stats.json")
@@ -205,7 +209,8 @@ def resolve_rewards(cfg, run, base) -> RewardPlan:
         shared = False
         if outputs.get("kind") == "lora":
             rbase = reward_stage.check_reward_base(run.path)
-            shared = rbase.name == base.name and rbase.hash == base.hash
+            # same weights: compare content hashes (local models, the SFT output); Hub ids by name
+            shared = (rbase.hash == base.hash) if rbase.hash and base.hash else rbase.name == base.name
         if shared:
             adapter = run.path / (outputs.get("adapter") or "reward/adapter")
             try:
@@ -303,6 +308,8 @@ def save_value(model, out: Path, base_name: str | None) -> None:
     if model.full:
         save_file({k: v.detach().cpu().contiguous() for k, v in _plain(model.value_lm).state_dict().items()
                    if not k.startswith("lm_head")}, str(out / "model.safetensors"))
+    elif model.shared_critic:  # the head reads the policy adapter's hidden states: nothing else to save
+        (out / "value_model.json").write_text(json.dumps({"value_model": "policy"}) + "\n", encoding="utf-8")
     else:
         save_adapter(model.peft_for(VALUE), VALUE, out, base_name)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
@@ -320,7 +327,8 @@ def load_weights(model, src: Path) -> None:
         _plain(model.value_lm).load_state_dict(load_file(str(src / "value" / "model.safetensors")), strict=False)
     else:
         load_adapter(model.peft_for(POLICY), POLICY, src / "policy")
-        load_adapter(model.peft_for(VALUE), VALUE, src / "value")
+        if not model.shared_critic:
+            load_adapter(model.peft_for(VALUE), VALUE, src / "value")
     model.value_head.load_state_dict(load_file(str(src / "value" / "value_head.safetensors")))
 
 
@@ -373,6 +381,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     for _, old in steps[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Delete what a kill left behind while a checkpoint was being written (atomic_dir's hidden tmp/old dirs)."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(".step-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -481,12 +497,23 @@ def run(cfg) -> dict:
         console.print("[yellow]ppo --full trains whole models: using separate policy, reference, value and reward "
                       "models[/]", highlight=False)
     check_report_to(cfg.report_to)
+    # "adapter" (default): the value model is its own LoRA adapter + head, initialised from the reward model;
+    # "policy": a shared critic, the head on the policy's hidden states (one training pass instead of two)
+    value_model = getattr(cfg, "value_model", "adapter") or "adapter"
+    if value_model not in ("adapter", "policy"):
+        raise ConfigError(f"value_model must be 'adapter' or 'policy', got {value_model!r}",
+                          "pass --value-model adapter (default) or policy")
+    if value_model == "policy" and (cfg.separate_models or cfg.full):
+        raise ConfigError("value_model 'policy' (a shared critic) needs the shared base",
+                          "drop --separate-models / --full, or use --value-model adapter")
     run = RunDir(cfg.run_dir)
     mode = run.check_can_start(STAGE, cfg.overwrite)
     if not cfg.model:
         run.require_done("sft", "train the SFT model first (`rlchat sft --run-dir RUN ...`), or pass --model to "
                                 "start PPO from any causal LM")
     base = resolve_base(run, cfg.model)
+    layout = {"separate_models": bool(cfg.separate_models), "full": bool(cfg.full), "value_model": value_model,
+              "lora_r": cfg.lora_r, "lora_target_modules": cfg.lora_target_modules}
     resume_from = last_checkpoint(run.checkpoints_dir(STAGE)) if mode == "resume" else None
     if resume_from is not None:
         old = ((run.record(STAGE) or {}).get("inputs") or {}).get("base") or {}
@@ -494,7 +521,16 @@ def run(cfg) -> dict:
             raise RunDirError(f"cannot resume the ppo stage in {run.path}: its checkpoints were trained on base "
                               f"{old.get('name')}, which has changed since",
                               "rerun with --overwrite to start PPO afresh")
+        saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8")).get("layout", layout)
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
+        if changed:
+            raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with other model "
+                              f"settings ({'; '.join(changed)})",
+                              "rerun with the settings of the interrupted run, or pass --overwrite to start afresh")
     quiet_libraries()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; our own bar shows progress
     plan = resolve_rewards(cfg, run, base)
     base_lm, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
     prompts, column, n_truncated = load_prompts(cfg, tokenizer)
@@ -506,20 +542,22 @@ def run(cfg) -> dict:
 
     # ---- 2. build the models (one shared base, or four separate models)
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import set_seed
 
     from rlchat import ppo_math as pm
     from rlchat import rewards
     from rlchat.rollout import build_separate, build_shared, generation_config, score_rollout
 
-    accelerator = Accelerator()
+    # policy and value train in separate passes, so under DDP each backward leaves the other role's weights unused
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)  # LoRA A matrices and a fresh value head are random
     try:
         if cfg.separate_models or cfg.full:
             model = build_separate(base_lm, policy_lora, plan.shared_lora, cfg.temperature, full=cfg.full)
         else:
-            model = build_shared(base_lm, policy_lora, plan.shared_lora, cfg.temperature)
+            model = build_shared(base_lm, policy_lora, plan.shared_lora, cfg.temperature,
+                                 shared_critic=value_model == "policy")
     except ValueError as err:
         raise ModelError(f"the reward adapter does not fit the policy's base model: {err}",
                          "retrain the reward model on this base (`rlchat train-reward --overwrite`), or pass "
@@ -552,7 +590,7 @@ def run(cfg) -> dict:
     # ---- 3. begin the stage (the first write)
     inputs = {"dataset": input_record(cfg.dataset), "base": {"name": base.name, "hash": base.hash}, **plan.inputs}
     if cfg.model:
-        inputs["model"] = input_record(cfg.model, hash=False) if _accepts_hash_flag() else {"spec": cfg.model}
+        inputs["model"] = input_record(cfg.model, hash=False)  # the base's content hash is in inputs.base
     parent = plan.parent or (None if cfg.model else "sft")
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
     with stage_lifecycle(run, STAGE):
@@ -561,6 +599,7 @@ def run(cfg) -> dict:
         ckpt_dir = run.checkpoints_dir(STAGE)
         step, episodes, history = 0, 0, {"scores": [], "kl": []}
         if resume_from is not None:
+            remove_partial_checkpoints(ckpt_dir)
             state = load_checkpoint(resume_from, core, optimizer, scheduler)
             step, episodes, history = state["step"], state["episodes"], state["history"]
             kl_ctl.load_state_dict(state["kl_controller"])
@@ -569,10 +608,12 @@ def run(cfg) -> dict:
             truncate_jsonl(samples_path, step)
             console.print(f"[yellow]ppo: resuming from {resume_from.name} ({episodes} episodes done)[/]",
                           highlight=False)
-        console.print(f"[bold]ppo[/] {len(prompts)} prompts ('{column}' column"
-                      + (f", {n_truncated} truncated to {cfg.max_prompt_length} tokens" if n_truncated else "")
-                      + f"); scored by {', '.join(plan.describe)}; {'separate models' if cfg.separate_models or cfg.full else 'shared base'}"
-                      f", {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable", highlight=False)
+        held = "separate models" if cfg.separate_models or cfg.full else (
+            "shared base, value head on the policy" if value_model == "policy" else "shared base")
+        truncated = f", {n_truncated} truncated to {cfg.max_prompt_length} tokens" if n_truncated else ""
+        console.print(f"[bold]ppo[/] {len(prompts)} prompts ('{column}' column{truncated}); scored by "
+                      f"{', '.join(plan.describe)}; {held}, {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M "
+                      "parameters trainable", highlight=False)
         trackers = Trackers(cfg.report_to, stage_dir, to_dict(cfg)) if accelerator.is_main_process else None
 
         from rlchat.progress import stage_progress
@@ -658,6 +699,8 @@ def run(cfg) -> dict:
                     "response/eos_rate": ro.has_eos.float().mean().item(),
                     "lr": scheduler.get_last_lr()[0],
                     "kl_coef": kl_coef,
+                    "shape/prompt_width": prompt_ids.shape[1],
+                    "shape/response_width": ro.response_ids.shape[1],
                     "time/generation_s": round(t1 - t0, 4),
                     "time/scoring_s": round(t2 - t1, 4),
                     "time/training_s": round(t3 - t2, 4),
@@ -678,7 +721,8 @@ def run(cfg) -> dict:
                     if step % cfg.save_every == 0 and step < total_steps:
                         save_checkpoint(ckpt_dir, step, core, optimizer, scheduler, {
                             "step": step, "episodes": episodes, "history": history,
-                            "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict()}, base_name)
+                            "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
+                            "layout": layout}, base_name)
                     if progress is not None:
                         progress.update(task, completed=step,
                                         info=f"score {mean_score:.3f}  kl {mean_kl:.3f}  "
@@ -714,17 +758,16 @@ def run(cfg) -> dict:
             "trainable_params": n_trainable,
             "total_params": n_total,
             "shared_base": not (cfg.separate_models or cfg.full),
+            "value_model": value_model,
             "resumed_from": resume_from.name if resume_from else None,
             "wall_s": round(wall, 1),
         }
         run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
 
+    what = "policy model" if cfg.full else "policy adapter"
     metrics["summary"] = (
         f"score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f} (mean of the first/last {k} steps), "
-        f"KL {metrics['kl']:.3f}, {episodes} episodes in {wall:.0f}s; policy adapter at {stage_dir / 'policy'}"
-        if not cfg.full else
-        f"score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl']:.3f}, {episodes} "
-        f"episodes in {wall:.0f}s; policy model at {stage_dir / 'policy'}")
+        f"KL {metrics['kl']:.3f}, {episodes} episodes in {wall:.0f}s; {what} at {stage_dir / 'policy'}")
     return metrics
 
 
@@ -737,7 +780,9 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
     import torch
 
     from rlchat import ppo_math as pm
+    from rlchat.rollout import POLICY, POLICY_AND_VALUE, VALUE
 
+    core_of = accelerator.unwrap_model
     B = len(ro)
     mini = B // cfg.mini_batches
     micro = mini // cfg.grad_accum
@@ -755,16 +800,31 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
                 input_ids = torch.cat([p_ids, r_ids], dim=1)  # (b, T')
                 attention_mask = torch.cat([p_mask, r_mask], dim=1)  # (b, T')
                 R = r_ids.shape[1]
-                new_logprobs, new_values = model(input_ids, attention_mask, r_ids)  # (b, R'), (b, R')
-                pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R], advantages[idx, :R],
-                                                         r_mask, cfg.cliprange)
-                vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
-                                              cfg.cliprange_value)
-                loss = (pl + cfg.vf_coef * vl) / cfg.grad_accum
-                if not torch.isfinite(loss):
-                    raise RlchatError(f"PPO step {step}: the loss is NaN or infinite (policy loss {pl.item():.4g}, "
-                                      f"value loss {vl.item():.4g})", _nan_fix(ckpt_dir, "lower --lr"))
-                accelerator.backward(loss)
+                if core_of(model).shared_critic:
+                    # one pass: the value head reads the policy's hidden states
+                    new_logprobs, new_values = model(input_ids, attention_mask, r_ids, POLICY_AND_VALUE)
+                    pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
+                                                             advantages[idx, :R], r_mask, cfg.cliprange)
+                    vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
+                                                  cfg.cliprange_value)
+                    _check_loss(pl, "policy", step, ckpt_dir)
+                    _check_loss(vl, "value", step, ckpt_dir)
+                    accelerator.backward((pl + cfg.vf_coef * vl) / cfg.grad_accum)
+                else:
+                    # policy, then value: one role's activations at a time (their parameters are disjoint, so
+                    # two backward passes give the gradient of policy_loss + vf_coef * value_loss)
+                    new_logprobs = model(input_ids, attention_mask, r_ids, POLICY)  # (b, R')
+                    pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
+                                                             advantages[idx, :R], r_mask, cfg.cliprange)
+                    _check_loss(pl, "policy", step, ckpt_dir)
+                    accelerator.backward(pl / cfg.grad_accum)
+                    del new_logprobs
+                    new_values = model(input_ids, attention_mask, r_ids, VALUE)  # (b, R')
+                    vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
+                                                  cfg.cliprange_value)
+                    _check_loss(vl, "value", step, ckpt_dir)
+                    accelerator.backward(cfg.vf_coef * vl / cfg.grad_accum)
+                    del new_values
                 sums["loss/policy"] += pl.item()
                 sums["loss/value"] += vl.item()
                 sums["policy/clipfrac"] += clipfrac.item()
@@ -776,6 +836,14 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _check_loss(loss, which: str, step: int, ckpt_dir: Path) -> None:
+    import torch
+
+    if not torch.isfinite(loss):
+        raise RlchatError(f"PPO step {step}: the {which} loss is NaN or infinite ({loss.item()})",
+                          _nan_fix(ckpt_dir, "lower --lr, or check the rewards for extreme values"))
 
 
 def _trim(ro, idx):
@@ -829,10 +897,3 @@ def _check_lora_targets(base_lm, lora) -> None:
         raise ConfigError(f"lora_target_modules includes the LM head '{head_name}', which PPO keeps frozen",
                           "leave it out (all-linear already does)")
 
-
-def _accepts_hash_flag() -> bool:
-    import inspect
-
-    from rlchat.rundir import input_record
-
-    return "hash" in inspect.signature(input_record).parameters
