@@ -387,7 +387,9 @@ def new_model(
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise RlchatError(f"{out} exists and is not empty", "choose another directory or pass --overwrite")
         from rlchat import tiny
+        from rlchat.stages.common import quiet_libraries
 
+        quiet_libraries()
         if size not in tiny.SIZES:
             raise RlchatError(f"unknown size '{size}'", f"use one of: {', '.join(tiny.SIZES)}")
         if corpus != "demo" and not Path(corpus).is_file():
