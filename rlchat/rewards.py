@@ -42,7 +42,7 @@ DUMMY_COMPLETIONS = ["The red apple is sweet.", ""]
 def load_reward_fn(spec: str) -> Callable:
     """Import the function named by `spec`: "package.module:function" or "path/to/file.py:function".
 
-    A dotted module is imported with the current directory first on sys.path; a .py path is loaded as a file
+    A dotted module is imported with the current directory first on sys.path (for that import only); a .py path is loaded as a file
     (relative to the current directory). ConfigError (one line) if it cannot be imported or is not callable.
     """
     fix_form = "pass --reward-fn module:function or --reward-fn path/to/file.py:function"
@@ -68,9 +68,14 @@ def load_reward_fn(spec: str) -> Callable:
             loader_spec.loader.exec_module(module)
         else:
             cwd = os.getcwd()
-            if cwd not in sys.path and "" not in sys.path:
+            added = cwd not in sys.path and "" not in sys.path
+            if added:  # only for this import: a stray file there must not shadow a module imported later
                 sys.path.insert(0, cwd)
-            module = importlib.import_module(module_part)
+            try:
+                module = importlib.import_module(module_part)
+            finally:
+                if added and cwd in sys.path:
+                    sys.path.remove(cwd)
     except RlchatError:
         raise
     except ModuleNotFoundError as err:

@@ -74,8 +74,10 @@ reward-model ensembles, an entropy bonus.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -85,6 +87,8 @@ from pathlib import Path
 from typing import Callable
 
 from rlchat.errors import ConfigError, DataError, ModelError, RlchatError, RunDirError
+
+log = logging.getLogger("rlchat")
 
 STAGE = "ppo"
 KEEP_CHECKPOINTS = 2
@@ -254,7 +258,10 @@ def _step_of(path: Path) -> int | None:
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete `step-N` (its state.json parses); atomic_dir makes half-written ones invisible."""
+    """The newest complete `step-N` (its state.json parses and its policy/value safetensors are whole);
+    atomic_dir makes half-written ones invisible, this skips ones damaged afterwards (logged)."""
+    from rlchat.models import safetensors_problem
+
     if not ckpt_dir.is_dir():
         return None
     found = sorted(((s, p) for p in ckpt_dir.iterdir() if (s := _step_of(p)) is not None), reverse=True)
@@ -262,6 +269,12 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
         try:
             json.loads((path / "state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            log.warning("skipping checkpoint %s: state.json is missing or cut short", path)
+            continue
+        weights = sorted((path / "policy").glob("*.safetensors")) + sorted((path / "value").glob("*.safetensors"))
+        problems = [f"{f.relative_to(path)}: {problem}" for f in weights if (problem := safetensors_problem(f))]
+        if problems:
+            log.warning("skipping damaged checkpoint %s (%s)", path, problems[0])
             continue
         return path
     return None
@@ -436,7 +449,7 @@ class Trackers:
 
             self.wandb = wandb
             wandb.init(project=os.environ.get("WANDB_PROJECT", "rlchat"), name=stage_dir.parent.name,
-                       config=config, resume="allow")
+                       config=config, resume="allow", dir=str(stage_dir))
 
     def log(self, row: dict, step: int) -> None:
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
@@ -476,13 +489,22 @@ def _mean(values: list[float]) -> float | None:
 
 
 def run(cfg) -> dict:
-    """Train the PPO policy of `cfg.run_dir`; returns the final metrics (and a one-line "summary")."""
+    """Train the PPO policy of `cfg.run_dir`; returns the final metrics (and a one-line "summary").
+
+    Out-of-memory errors anywhere (building the models too, before the stage begins) are one line."""
+    from rlchat.stages.common import oom_guard
+
+    with oom_guard(STAGE):
+        return _run(cfg)
+
+
+def _run(cfg) -> dict:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from rlchat import models
     from rlchat.config import to_dict, to_yaml
     from rlchat.progress import console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_text, input_record
-    from rlchat.stages.common import quiet_libraries, stage_lifecycle
+    from rlchat.stages.common import is_oom, quiet_libraries, remove_leftovers, stage_lifecycle
     from rlchat.stages.reward import load_base_causal, resolve_base
 
     t_start = time.time()
@@ -595,15 +617,27 @@ def run(cfg) -> dict:
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
     with stage_lifecycle(run, STAGE):
         atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+        remove_leftovers(stage_dir)  # tmp files and dirs (checkpoints/.step-N.tmp-*) of a killed run
         metrics_path, samples_path = stage_dir / "metrics.jsonl", stage_dir / "samples.jsonl"
         ckpt_dir = run.checkpoints_dir(STAGE)
         step, episodes, history = 0, 0, {"scores": [], "kl": []}
+        if mode == "resume" and resume_from is None:  # restarting from step 0: the killed run's rows are redone
+            truncate_jsonl(metrics_path, 0)
+            truncate_jsonl(samples_path, 0)
         if resume_from is not None:
             remove_partial_checkpoints(ckpt_dir)
-            state = load_checkpoint(resume_from, core, optimizer, scheduler)
-            step, episodes, history = state["step"], state["episodes"], state["history"]
-            kl_ctl.load_state_dict(state["kl_controller"])
-            sampler.load_state_dict(state["sampler"])
+            try:
+                state = load_checkpoint(resume_from, core, optimizer, scheduler)
+                step, episodes, history = state["step"], state["episodes"], state["history"]
+                kl_ctl.load_state_dict(state["kl_controller"])
+                sampler.load_state_dict(state["sampler"])
+            except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+                if is_oom(err):
+                    raise
+                detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise RunDirError(f"cannot resume from {resume_from}: {type(err).__name__}: {detail}",
+                                  f"delete {resume_from} to resume from the checkpoint before it, or rerun with "
+                                  "--overwrite") from None
             truncate_jsonl(metrics_path, step)
             truncate_jsonl(samples_path, step)
             console.print(f"[yellow]ppo: resuming from {resume_from.name} ({episodes} episodes done)[/]",
