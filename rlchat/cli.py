@@ -150,6 +150,23 @@ def _stage_command(stage: str):
                                                     rich_help_panel="Run")],
         ),
         inspect.Parameter(
+            "num_processes",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[int], typer.Option(
+                "--num-processes", help="Run data parallel in N processes (one per GPU; gloo on CPU): re-launches "
+                "this command through `accelerate launch`. --batch-size is per process.",
+                rich_help_panel="Run", show_default=False)],
+        ),
+        inspect.Parameter(
+            "accelerate_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[Path], typer.Option(
+                "--accelerate-config", help="accelerate config file (DeepSpeed ZeRO / FSDP / multi-GPU; see "
+                "recipes/accelerate/) to re-launch this command with.", rich_help_panel="Run", show_default=False)],
+        ),
+        inspect.Parameter(
             "dry_run",
             inspect.Parameter.KEYWORD_ONLY,
             default=False,
@@ -181,6 +198,8 @@ def _stage_command(stage: str):
         recipe = kwargs.pop("config")
         json_out = kwargs.pop("json_out")
         dry_run = kwargs.pop("dry_run")
+        num_processes = kwargs.pop("num_processes")
+        accelerate_config = kwargs.pop("accelerate_config")
         overrides = {}
         for key, value in kwargs.items():
             if value is None:
@@ -188,6 +207,15 @@ def _stage_command(stage: str):
             if key in list_fields and isinstance(value, str) and "," in value:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
+        from rlchat import launch
+
+        if not dry_run and launch.should_relaunch(num_processes, accelerate_config):
+            argv = stage_argv(name, recipe, overrides, json_out)
+            try:
+                code = launch.relaunch(argv, num_processes, str(accelerate_config) if accelerate_config else None)
+            except RlchatError as err:
+                fail(err)
+            raise typer.Exit(code)
         run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out, dry_run)
 
     command.__signature__ = inspect.Signature(params)
@@ -195,6 +223,24 @@ def _stage_command(stage: str):
     command.__doc__ = f"{short_help}\n\nExample:\n\n    {example}"
     app.command(name, help=command.__doc__, short_help=short_help,
                 epilog=f"Example: {example}")(command)
+
+
+def stage_argv(command: str, recipe, overrides: dict, json_out: bool) -> list[str]:
+    """The command line (after `rlchat`) that runs the stage with these settings, for a re-launch."""
+    argv = [command]
+    if recipe:
+        argv += ["--config", str(recipe)]
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    if json_out:
+        argv.append("--json")
+    return argv
 
 
 def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool,
@@ -215,9 +261,27 @@ def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json
             if json_out:
                 print(json.dumps(entry, indent=1, default=str))
             return entry
+        from rlchat import dist
+
+        dist.die_with_launcher()
         result = importlib.import_module(module).run(cfg)
+        dist.finish()
     except RlchatError as err:
+        from rlchat import dist, launch
+
+        # multi-process: every process hits the same validation errors; the main one reports them (or hands
+        # them to the re-launching parent), the others exit quietly unless their error is their own (memory)
+        if launch.report_child_error(err.one_line()):
+            raise typer.Exit(err.exit_code)
+        if not dist.is_main():
+            if "OutOfMemory" in type(err).__name__:  # this process's own problem: say which process it was
+                print(f"error (process {dist.rank()}): {err.one_line()}", file=sys.stderr)
+            raise typer.Exit(err.exit_code)
         fail(err)
+    from rlchat import dist
+
+    if not dist.is_main():
+        return result
     summary = result.get("summary") if isinstance(result, dict) else None
     if summary:
         console.print(f"[bold green]{stage}:[/] {escape(summary)}", soft_wrap=True, highlight=False)

@@ -83,10 +83,17 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
 
 
 def pick_device() -> str:
-    """"cuda" if a GPU is visible, else "mps" on Apple silicon, else "cpu"."""
+    """"cuda" if a GPU is visible (this process's GPU, cuda:LOCAL_RANK, in a multi-process run), else "mps" on
+    Apple silicon, else "cpu"."""
+    import os
+
     import torch
 
     if torch.cuda.is_available():
+        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            return f"cuda:{local}"
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"

@@ -81,24 +81,37 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim=dim) / count.clamp(min=1).to(x.dtype)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=None) -> torch.Tensor:
     """Variance of `x` over all positions where `mask` is True (one scalar over the whole tensor).
 
     With n = sum_i m_i and mu = masked_mean(x, mask):
         var = sum_i m_i * (x_i - mu)^2 / (n - 1)   if unbiased (Bessel's correction, as TRL's masked_var)
         var = sum_i m_i * (x_i - mu)^2 / n         otherwise
     n == 0 gives 0; n == 1 with unbiased=True also gives 0 (one sample shows no spread), never NaN.
+
+    reduce: None, or a function that sums a tensor over all processes of a data-parallel run (e.g.
+    `rlchat.dist.all_sum`); then n, mu and the squared deviations are those of every process's x together, so
+    each process gets the variance of the global batch (the same number a single process holding it all gets).
     """
-    mask = _bool_mask(x, mask)
-    mu = masked_mean(x, mask)
-    n = mask.sum().to(x.dtype)
+    mu, n = _global_mean(x, mask, reduce)
     sum_sq = masked_sum((x - mu) ** 2, mask)
+    if reduce is not None:
+        sum_sq = reduce(sum_sq)
     denom = n - 1 if unbiased else n
     return sum_sq / denom.clamp(min=1)
 
 
+def _global_mean(x: torch.Tensor, mask: torch.Tensor, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked mean, masked count) of x, over all processes when `reduce` sums across them."""
+    mask = _bool_mask(x, mask)
+    if reduce is None:
+        return masked_mean(x, mask), mask.sum().to(x.dtype)
+    both = reduce(torch.stack([masked_sum(x, mask).detach(), mask.sum().to(x.dtype)]))  # (2,)
+    return both[0] / both[1].clamp(min=1), both[1]
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
 ) -> torch.Tensor:
     """Normalise `x` to zero mean and unit variance using statistics of the masked positions only.
 
@@ -108,10 +121,11 @@ def masked_whiten(
 
     Used on advantages (shift_mean=True) before the policy loss, as in the N+ implementation details (#17).
     The result has masked mean ~0 (or mu when shift_mean=False) and unbiased masked variance ~1.
+    reduce: as in masked_var; with it every process whitens its part with the statistics of the global batch.
     """
     mask = _bool_mask(x, mask)
-    mu = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mu, _ = _global_mean(x, mask, reduce)
+    var = masked_var(x, mask, unbiased=True, reduce=reduce)
     whitened = (x - mu) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mu
@@ -233,6 +247,7 @@ def policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     cliprange: float,
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate loss (to minimise), token-level mean over the whole batch.
 
@@ -244,6 +259,9 @@ def policy_loss(
     approx_kl is the k2 estimator of KL(old || new), as TRL's PPO trainer logs it; CleanRL logs k3 instead;
     both agree to second order. A ratio exactly at 1 +/- eps does not count as clipped.
 
+    denominator: None (the masked mean above), or the number to divide the masked sum by instead: the token count
+    of the whole minibatch when it is split into micro-batches or across processes, so the summed gradients are
+    those of one token-level mean (clipfrac and approx_kl stay means over this batch).
     Returns (loss: 0-dim with grad, clipfrac: 0-dim detached, approx_kl: 0-dim detached).
     Sign: advantages > 0 means "do more of this"; minimising the loss raises those tokens' probability.
     """
@@ -255,7 +273,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = _reduce_loss(torch.maximum(unclipped, clipped), mask, denominator)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(new_logprobs.dtype), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
@@ -268,6 +286,7 @@ def value_loss(
     returns: torch.Tensor,
     response_mask: torch.Tensor,
     cliprange_value: float,
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (N+ implementation details #13), token-level mean over the whole batch.
 
@@ -275,6 +294,7 @@ def value_loss(
         v_clip_t = clip(v_t, old_t - c, old_t + c)
         loss     = 0.5 * masked_mean( max((v_t - ret_t)^2, (v_clip_t - ret_t)^2) )
         clipfrac = masked fraction of tokens where the clipped error is strictly the larger
+    denominator: as in policy_loss.
     Returns (loss: 0-dim with grad, clipfrac: 0-dim detached).
     """
     mask = _bool_mask(new_values, response_mask)
@@ -285,10 +305,18 @@ def value_loss(
     v_clip = old + torch.clamp(v - old, -cliprange_value, cliprange_value)
     err = (v - ret) ** 2
     err_clip = (v_clip - ret) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    loss = 0.5 * _reduce_loss(torch.maximum(err, err_clip), mask, denominator)
     with torch.no_grad():
         clipfrac = masked_mean((err_clip > err).to(v.dtype), mask)
     return loss, clipfrac
+
+
+def _reduce_loss(x: torch.Tensor, mask: torch.Tensor, denominator) -> torch.Tensor:
+    if denominator is None:
+        return masked_mean(x, mask)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(device=x.device, dtype=x.dtype)
+    return masked_sum(x, mask) / denominator
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,17 +363,18 @@ def logprobs_from_logits(
     return one(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, labels)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
     """How much of the variance of the returns the value head explains (a diagnostic, as CleanRL logs it).
 
         ev = 1 - var(returns - values) / var(returns)     (masked, population variances)
     1 = perfect, 0 = no better than a constant, < 0 = worse. When var(returns) == 0 the ratio is undefined
     and this returns 0.0 (not NaN), so metrics.jsonl stays valid JSON. Returns a detached 0-dim tensor.
+    reduce: as in masked_var (the variances of the global batch).
     """
     with torch.no_grad():
         returns = returns.to(values.dtype)
-        var_returns = masked_var(returns, mask, unbiased=False)
-        var_residual = masked_var(returns - values, mask, unbiased=False)
+        var_returns = masked_var(returns, mask, unbiased=False, reduce=reduce)
+        var_residual = masked_var(returns - values, mask, unbiased=False, reduce=reduce)
         if var_returns.item() == 0.0:
             return torch.zeros((), dtype=values.dtype, device=values.device)
         return 1.0 - var_residual / var_returns

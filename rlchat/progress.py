@@ -15,7 +15,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+import os
+
+# RLCHAT_FORCE_TERMINAL: set by `--num-processes` re-launch (rlchat/launch.py), whose children write to a pipe
+# In a multi-process run only the main process (RANK 0) prints; the others' console is quiet.
+console = Console(stderr=True, highlight=False,
+                  force_terminal=True if os.environ.get("RLCHAT_FORCE_TERMINAL") == "1" else None,
+                  quiet=os.environ.get("RANK", "0") not in ("", "0"))
 
 
 def stage_progress() -> Progress:

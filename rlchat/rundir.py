@@ -129,6 +129,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_writer(path) -> None:
+    """Only the main process of a multi-process run writes (see rlchat/dist.py); another rank trying is a bug."""
+    from rlchat import dist
+
+    if not dist.is_main():
+        raise RuntimeError(f"internal error: process rank {dist.rank()} tried to write {path}; only the main "
+                           "process writes to the run directory")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so readers see the old or the new content, never a mix.
 
@@ -136,6 +145,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsynced, then renamed over `path`. On any failure the tmp file is removed and `path` is left as it was.
     """
     path = Path(path)
+    _check_writer(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +184,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             model.save_pretrained(tmp)
     """
     final = Path(final)
+    _check_writer(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -207,6 +218,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON row (e.g. a metrics step) to a .jsonl file and flush it, so `tail -f` and crashes see it."""
     path = Path(path)
+    _check_writer(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -522,7 +534,24 @@ class RunDir:
 
         New start: RUN/<stage> is removed first if it belongs to an earlier attempt (or `overwrite`).
         Resume (status running/failed with checkpoints, no `overwrite`): RUN/<stage> is kept.
+
+        In a multi-process run every process calls this after validating (reading only): they meet at a barrier,
+        the main process alone takes the lock and writes, and all meet again before any goes on. The other
+        processes only get the path.
         """
+        from rlchat import dist
+
+        if dist.is_distributed():
+            dist.barrier()  # every process has read the run directory; from here on rank 0 writes
+            if not dist.is_main():
+                dist.barrier()  # rank 0 has set the stage up (or failed; then torchrun stops this process)
+                return self.stage_dir(stage)
+            out = self._begin(stage, config, inputs, parent, overwrite)
+            dist.barrier()
+            return out
+        return self._begin(stage, config, inputs, parent, overwrite)
+
+    def _begin(self, stage: str, config: dict, inputs: dict, parent: str | None, overwrite: bool) -> Path:
         mode = self.check_can_start(stage, overwrite)
         self.lock(stage)
         try:
@@ -608,12 +637,22 @@ class RunDir:
 
     def finish_stage(self, stage: str, metrics: dict, outputs: dict) -> None:
         """Mark `stage` done with its final metrics and outputs (paths relative to RUN, e.g. "sft/adapter"), then
-        release the lock. If the manifest write fails the lock is kept, so the caller's fail_stage can record it."""
+        release the lock. If the manifest write fails the lock is kept, so the caller's fail_stage can record it.
+        A no-op on the non-main processes of a multi-process run."""
+        from rlchat import dist
+
+        if not dist.is_main():
+            return
         self._end(stage, "done", metrics=metrics, outputs=outputs, error=None)
         self.unlock()
 
     def fail_stage(self, stage: str, error: str) -> None:
-        """Mark `stage` failed and release the lock. Best effort: never raises (the caller re-raises the error)."""
+        """Mark `stage` failed and release the lock. Best effort: never raises (the caller re-raises the error).
+        A no-op on the non-main processes of a multi-process run."""
+        from rlchat import dist
+
+        if not dist.is_main():
+            return
         try:
             self._end(stage, "failed", error=str(error) or "interrupted")
         except (RunDirError, OSError) as err:

@@ -328,6 +328,54 @@ def stage_lifecycle(run, stage: str):
         raise
 
 
+def is_sharded(trainer) -> bool:
+    """True when the trained weights are split across processes (DeepSpeed ZeRO-3 or FSDP): saving them then
+    needs every process (the trainer gathers the shards), not only the main one."""
+    acc = trainer.accelerator
+    kind = acc.distributed_type.name
+    if kind == "FSDP":
+        return True
+    if kind == "DEEPSPEED":
+        plugin = acc.state.deepspeed_plugin
+        return bool(plugin is not None and plugin.zero_stage == 3)
+    return False
+
+
+def save_trained(trainer, final: Path, full: bool, tokenizer=None) -> None:
+    """Write the trained model (full: weights + config; else the PEFT adapter) to `final` atomically.
+
+    One process, DDP or ZeRO-2: the main process saves the unwrapped model (save_pretrained, safetensors).
+    ZeRO-3 / FSDP: every process calls trainer.save_model on the same tmp directory (the shards are gathered,
+    the main process writes), then the main process drops the trainer's pickled training_args.bin and renames
+    the directory into place. `tokenizer` is saved alongside when given.
+    """
+    from rlchat import dist
+    from rlchat.rundir import atomic_dir
+
+    main = dist.is_main()
+    if not is_sharded(trainer):
+        if main:
+            with atomic_dir(final) as tmp:
+                model = trainer.accelerator.unwrap_model(trainer.model)
+                model.save_pretrained(tmp, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        return
+    if main:
+        with atomic_dir(final) as tmp:
+            dist.broadcast_object(str(tmp))
+            trainer.save_model(str(tmp))  # collective: gathers the shards
+            for name in ("training_args.bin",):  # a pickle: rlchat writes safetensors/JSON only
+                (tmp / name).unlink(missing_ok=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            dist.barrier()
+    else:
+        tmp = dist.broadcast_object(None)
+        trainer.save_model(tmp)
+        dist.barrier()
+
+
 def drop_printer(trainer) -> None:
     """With disable_tqdm the Trainer prints every log dict to stdout; our progress bar and metrics.jsonl replace it
     (and stdout must stay clean for --json)."""

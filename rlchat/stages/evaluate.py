@@ -511,9 +511,13 @@ def _run(cfg) -> dict:
     if cfg.judge:
         inputs["judge"] = {"spec": cfg.judge}
     stage_dir = run.begin_stage("eval", config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
+    from rlchat import dist
+
     with stage_lifecycle(run, "eval"):
-        # 2-4. generate, KL to the reference, scores
+        # 2-4. generate, KL to the reference, scores (each process its share of the prompts)
         results = evaluate_policies(pol, policies, prompts, cfg, rm, judge, console)
+        if not dist.is_main():  # the main process has everything gathered; it writes the report
+            return {"rank": dist.rank()}
         # 5. per-policy metrics and win rates; responses.jsonl and report.json
         report = build_report(run, cfg, policies, prompts, results, dataset_spec, has_rm=rm is not None)
         write_outputs(stage_dir, prompts, policies, results, report)
@@ -536,9 +540,13 @@ def _run(cfg) -> dict:
 
 
 def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt], cfg, rm, judge, console) -> dict:
-    """Steps 2-4 for every policy: generate, KL to the reference, reward-model and judge scores."""
+    """Steps 2-4 for every policy: generate, KL to the reference, reward-model and judge scores.
+
+    In a multi-process run each process takes every world-th batch of prompts (its own sampling seed), and the
+    results are gathered back into prompt order on every process."""
     import torch
 
+    from rlchat import dist
     from rlchat.progress import stage_progress
 
     tok = pol.tokenizer
@@ -550,16 +558,19 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
     gen = generation_config(tok, stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     bs = cfg.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
+    batches = batches[dist.rank()::dist.world_size()]  # this process's share
+    mine = [i for rows in batches for i in rows]
+    local = {i: j for j, i in enumerate(mine)}  # prompt index -> position in this process's result lists
     results = {name: PolicyResult() for name in policies}
     n_kl = sum(1 for p in policies if p != REFERENCE)
     total = len(batches) * (len(policies) + n_kl + (1 if rm is not None else 0) * len(policies))
 
-    with stage_progress() as progress:
+    with (stage_progress() if dist.is_main() else _NoProgress()) as progress:
         task = progress.add_task("eval", total=total, info="")
         # 2. generate, one policy at a time, same seed for each so sampling is comparable
         for name in policies:
             progress.update(task, info=f"generating: {name}")
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank())
             with pol.use(name) as model:
                 for rows in batches:
                     resp, stops = generate(model, tok, [prompt_ids[i] for i in rows], gen, stop_ids)
@@ -572,13 +583,13 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
         # 3. KL to the reference (SFT) policy on each policy's own responses
         for name in policies:
             if name == REFERENCE:
-                results[name].kl = [0.0] * len(prompts)
+                results[name].kl = [0.0] * len(mine)
                 continue
             progress.update(task, info=f"KL to {REFERENCE}: {name}")
             r = results[name]
             for rows in batches:
                 p_ids = [prompt_ids[i] for i in rows]
-                y_ids = [r.response_ids[i] for i in rows]
+                y_ids = [r.response_ids[local[i]] for i in rows]
                 with pol.use(name) as model:
                     own = sequence_logprobs(model, p_ids, y_ids, tok.pad_token_id)
                 with pol.use(REFERENCE) as model:
@@ -591,17 +602,56 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
             if rm is not None:
                 progress.update(task, info=f"reward model: {name}")
                 for rows in batches:
-                    r.reward += rm([prompts[i].messages for i in rows], [r.responses[i] for i in rows])
+                    r.reward += rm([prompts[i].messages for i in rows], [r.responses[local[i]] for i in rows])
                     progress.advance(task)
             else:
-                r.reward = [None] * len(prompts)
+                r.reward = [None] * len(mine)
             if judge is not None:
                 progress.update(task, info=f"judge: {name}")
-                r.judge = call_judge(judge, cfg.judge, [p.text for p in prompts], r.responses)
+                r.judge = call_judge(judge, cfg.judge, [prompts[i].text for i in mine], r.responses)
             else:
-                r.judge = [None] * len(prompts)
+                r.judge = [None] * len(mine)
         progress.update(task, info="done")
+    if dist.is_distributed():
+        results = _gather_results(results, mine, len(prompts))
     return results
+
+
+def _gather_results(results: dict, mine: list[int], n: int) -> dict:
+    """Every process's PolicyResults (for its prompt rows `mine`) merged into prompt order, on every process."""
+    from dataclasses import asdict
+
+    from rlchat import dist
+
+    parts = dist.gather_objects((mine, {name: asdict(r) for name, r in results.items()}))
+    merged = {}
+    for name in results:
+        cols = {key: [None] * n for key in asdict(results[name])}
+        for rows, res in parts:
+            for key, values in res[name].items():
+                for i, v in zip(rows, values):
+                    cols[key][i] = v
+        merged[name] = PolicyResult(**cols)
+    return merged
+
+
+class _NoProgress:
+    """The progress bar's interface, drawing nothing (the non-main processes of a multi-process run)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------- report

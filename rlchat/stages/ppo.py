@@ -373,14 +373,21 @@ def set_rng_state(plain: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, base_name) -> Path:
-    """RUN/ppo/checkpoints/step-N, atomically; then drop all but the newest KEEP_CHECKPOINTS."""
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, base_name,
+                    rngs: list | None = None) -> Path:
+    """RUN/ppo/checkpoints/step-N, atomically; then drop all but the newest KEEP_CHECKPOINTS.
+
+    rngs: [(plain, tensors) of rank 0, of rank 1, ...] in a multi-process run (rng_state() of each process,
+    gathered by the caller); rank r > 0 gets rng-r.pt and state["rng_ranks"][r]."""
     import torch
 
     from rlchat.rundir import atomic_dir
 
     final = ckpt_dir / f"step-{step}"
-    plain, tensors = rng_state()
+    rngs = rngs or [rng_state()]
+    plain, tensors = rngs[0]
+    if len(rngs) > 1:
+        state = {**state, "rng_ranks": [p for p, _ in rngs]}
     with atomic_dir(final) as tmp:
         (tmp / "policy").mkdir()
         (tmp / "value").mkdir()
@@ -389,6 +396,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(tensors, tmp / "rng.pt")
+        for r, (_, t) in enumerate(rngs[1:], start=1):
+            torch.save(t, tmp / f"rng-{r}.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "rng": plain}) + "\n", encoding="utf-8")
     steps = sorted((s, p) for p in ckpt_dir.iterdir() if (s := _step_of(p)) is not None)
     for _, old in steps[:-KEEP_CHECKPOINTS]:
@@ -404,15 +413,19 @@ def remove_partial_checkpoints(ckpt_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns state.json (step, episodes, ...)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from `path`; returns state.json (step,
+    episodes, ...)."""
     import torch
 
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     load_weights(model, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(state["rng"], torch.load(path / "rng.pt", weights_only=True))
+    if rank == 0:
+        set_rng_state(state["rng"], torch.load(path / "rng.pt", weights_only=True))
+    else:
+        set_rng_state(state["rng_ranks"][rank], torch.load(path / f"rng-{rank}.pt", weights_only=True))
     return state
 
 
@@ -536,6 +549,9 @@ def _run(cfg) -> dict:
     base = resolve_base(run, cfg.model)
     layout = {"separate_models": bool(cfg.separate_models), "full": bool(cfg.full), "value_model": value_model,
               "lora_r": cfg.lora_r, "lora_target_modules": cfg.lora_target_modules}
+    from rlchat import dist
+
+    layout["processes"] = dist.world_size()  # a resume must use as many processes (batches are per process)
     resume_from = last_checkpoint(run.checkpoints_dir(STAGE)) if mode == "resume" else None
     if resume_from is not None:
         old = ((run.record(STAGE) or {}).get("inputs") or {}).get("base") or {}
@@ -544,6 +560,7 @@ def _run(cfg) -> dict:
                               f"{old.get('name')}, which has changed since",
                               "rerun with --overwrite to start PPO afresh")
         saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8")).get("layout", layout)
+        saved.setdefault("processes", 1)  # checkpoints from before multi-process runs
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
         if changed:
             raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with other model "
@@ -572,8 +589,10 @@ def _run(cfg) -> dict:
     from rlchat.rollout import build_separate, build_shared, generation_config, score_rollout
 
     # policy and value train in separate passes, so under DDP each backward leaves the other role's weights unused
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    set_seed(cfg.seed)  # LoRA A matrices and a fresh value head are random
+    # cpu=True without a GPU: otherwise accelerate treats a multi-process CPU launch as N single processes
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)  # LoRA A matrices and a fresh value head are random (the same on every process)
     try:
         if cfg.separate_models or cfg.full:
             model = build_separate(base_lm, policy_lora, plan.shared_lora, cfg.temperature, full=cfg.full)
@@ -593,6 +612,13 @@ def _run(cfg) -> dict:
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
 
     world = accelerator.num_processes
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        raise ConfigError(f"ppo runs data parallel (DDP) only, not under {accelerator.distributed_type.name}",
+                          "launch ppo with --num-processes N (or an accelerate config with distributed_type "
+                          "MULTI_GPU); LoRA keeps each process's copy of the model small")
+    if accelerator.process_index > 0:  # each process samples its own responses
+        torch.manual_seed(cfg.seed + 1_000_003 * accelerator.process_index)
+    reduce = dist.all_sum if world > 1 else None  # batch statistics over every process's rollouts
     B = cfg.batch_size  # rollouts per process per step
     total_steps = cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else cfg.episodes // (B * world)
     total_steps = max(1, total_steps)
@@ -615,19 +641,22 @@ def _run(cfg) -> dict:
         inputs["model"] = input_record(cfg.model, hash=False)  # the base's content hash is in inputs.base
     parent = plan.parent or (None if cfg.model else "sft")
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
+    main = accelerator.is_main_process  # the only process that writes
     with stage_lifecycle(run, STAGE):
-        atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
-        remove_leftovers(stage_dir)  # tmp files and dirs (checkpoints/.step-N.tmp-*) of a killed run
+        if main:
+            atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+            remove_leftovers(stage_dir)  # tmp files and dirs (checkpoints/.step-N.tmp-*) of a killed run
         metrics_path, samples_path = stage_dir / "metrics.jsonl", stage_dir / "samples.jsonl"
         ckpt_dir = run.checkpoints_dir(STAGE)
         step, episodes, history = 0, 0, {"scores": [], "kl": []}
-        if mode == "resume" and resume_from is None:  # restarting from step 0: the killed run's rows are redone
+        if mode == "resume" and resume_from is None and main:  # restarting from step 0: redo the killed run's rows
             truncate_jsonl(metrics_path, 0)
             truncate_jsonl(samples_path, 0)
         if resume_from is not None:
-            remove_partial_checkpoints(ckpt_dir)
+            if main:
+                remove_partial_checkpoints(ckpt_dir)
             try:
-                state = load_checkpoint(resume_from, core, optimizer, scheduler)
+                state = load_checkpoint(resume_from, core, optimizer, scheduler, accelerator.process_index)
                 step, episodes, history = state["step"], state["episodes"], state["history"]
                 kl_ctl.load_state_dict(state["kl_controller"])
                 sampler.load_state_dict(state["sampler"])
@@ -638,8 +667,9 @@ def _run(cfg) -> dict:
                 raise RunDirError(f"cannot resume from {resume_from}: {type(err).__name__}: {detail}",
                                   f"delete {resume_from} to resume from the checkpoint before it, or rerun with "
                                   "--overwrite") from None
-            truncate_jsonl(metrics_path, step)
-            truncate_jsonl(samples_path, step)
+            if main:
+                truncate_jsonl(metrics_path, step)
+                truncate_jsonl(samples_path, step)
             console.print(f"[yellow]ppo: resuming from {resume_from.name} ({episodes} episodes done)[/]",
                           highlight=False)
         held = "separate models" if cfg.separate_models or cfg.full else (
@@ -698,15 +728,15 @@ def _run(cfg) -> dict:
                 rewards_t, kl = pm.per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
                                                      kl_coef)  # (B, R), (B, R)
                 if cfg.whiten_rewards:
-                    rewards_t = pm.masked_whiten(rewards_t, ro.response_mask, shift_mean=False)
+                    rewards_t = pm.masked_whiten(rewards_t, ro.response_mask, shift_mean=False, reduce=reduce)
 
-                # 6. advantages and returns (GAE), advantages whitened over the batch
+                # 6. advantages and returns (GAE), advantages whitened over the global batch (all processes)
                 advantages, returns = pm.gae(rewards_t, ro.values, ro.response_mask, cfg.gamma, cfg.lam)  # (B, R)
-                advantages = pm.masked_whiten(advantages, ro.response_mask)
+                advantages = pm.masked_whiten(advantages, ro.response_mask, reduce=reduce)
 
                 # 7. PPO epochs: shuffled minibatches, each an optimizer step over grad_accum micro-batches
                 stats = _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages,
-                                    returns, step, ckpt_dir)
+                                    returns, step, ckpt_dir, reduce)
                 t3 = time.perf_counter()
 
                 # 8. KL controller, logging, samples, checkpoint
@@ -728,9 +758,10 @@ def _run(cfg) -> dict:
                                                             "mean").item(),
                     **{k: accelerator.reduce(torch.tensor(v, device=prompt_ids.device), "mean").item()
                        for k, v in stats.items()},
-                    "value/explained_variance": pm.explained_variance(ro.values, returns, ro.response_mask).item(),
-                    "response/length": ro.lengths.float().mean().item(),
-                    "response/eos_rate": ro.has_eos.float().mean().item(),
+                    "value/explained_variance": pm.explained_variance(ro.values, returns, ro.response_mask,
+                                                                      reduce=reduce).item(),
+                    "response/length": accelerator.reduce(ro.lengths.float().mean(), "mean").item(),
+                    "response/eos_rate": accelerator.reduce(ro.has_eos.float().mean(), "mean").item(),
                     "lr": scheduler.get_last_lr()[0],
                     "kl_coef": kl_coef,
                     "shape/prompt_width": prompt_ids.shape[1],
@@ -740,7 +771,9 @@ def _run(cfg) -> dict:
                     "time/training_s": round(t3 - t2, 4),
                     "episodes_per_s": round(B * world / (time.perf_counter() - t0), 4),
                 }
-                if accelerator.is_main_process:
+                checkpoint_now = step % cfg.save_every == 0 and step < total_steps
+                rngs = dist.gather_objects(rng_state()) if checkpoint_now else None  # every process's RNG
+                if main:
                     from rlchat.rundir import append_jsonl
 
                     if step % cfg.logging_steps == 0 or step == total_steps:
@@ -752,11 +785,11 @@ def _run(cfg) -> dict:
                                 "step": step, "prompt": ro.prompts[i], "completion": ro.completions[i],
                                 "score": round(ro.scores[i].item(), 4), "kl": round(seq_kl[i].item(), 4),
                                 "length": int(ro.lengths[i]), "has_eos": bool(ro.has_eos[i])})
-                    if step % cfg.save_every == 0 and step < total_steps:
+                    if checkpoint_now:
                         save_checkpoint(ckpt_dir, step, core, optimizer, scheduler, {
                             "step": step, "episodes": episodes, "history": history,
                             "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                            "layout": layout}, base_name)
+                            "layout": layout}, base_name, rngs)
                     if progress is not None:
                         progress.update(task, completed=step,
                                         info=f"score {mean_score:.3f}  kl {mean_kl:.3f}  "
@@ -772,7 +805,7 @@ def _run(cfg) -> dict:
         outputs = {"kind": "full" if cfg.full else "lora", "policy": "ppo/policy", "value": "ppo/value",
                    "tokenizer": "ppo/tokenizer", "base": base.name, "base_hash": base.hash,
                    "metrics": "ppo/metrics.jsonl", "samples": "ppo/samples.jsonl"}
-        if accelerator.is_main_process:
+        if main:
             with atomic_dir(stage_dir / "policy") as tmp:
                 save_policy(core, tmp, base_name)
             with atomic_dir(stage_dir / "value") as tmp:
@@ -793,6 +826,7 @@ def _run(cfg) -> dict:
             "total_params": n_total,
             "shared_base": not (cfg.separate_models or cfg.full),
             "value_model": value_model,
+            "processes": world,
             "resumed_from": resume_from.name if resume_from else None,
             "wall_s": round(wall, 1),
         }
@@ -806,8 +840,13 @@ def _run(cfg) -> dict:
 
 
 def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages, returns, step,
-                ckpt_dir) -> dict:
+                ckpt_dir, reduce=None) -> dict:
     """ppo_epochs passes over the rollout in mini_batches minibatches of grad_accum micro-batches.
+
+    Each loss is a token-level mean over the whole minibatch: every micro-batch's masked sum is divided by the
+    minibatch's token count, over all processes when `reduce` sums across them (DDP then averages the processes'
+    gradients, so the count is divided by the number of processes). Two processes holding halves of a batch take
+    the same optimizer step as one process holding all of it.
 
     Returns the step's averaged statistics (loss/policy, loss/value, policy/clipfrac, policy/approx_kl,
     value/clipfrac)."""
@@ -822,11 +861,16 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
     micro = mini // cfg.grad_accum
     sums = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0,
             "value/clipfrac": 0.0}
-    n = 0
+    n, n_updates = 0, 0  # micro-batches (for the per-micro-batch fractions), optimizer steps (for the losses)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B)
         for m in range(cfg.mini_batches):
             mb = order[m * mini:(m + 1) * mini]
+            n_tokens = ro.response_mask[mb.to(ro.response_mask.device)].sum().float()
+            world = 1
+            if reduce is not None:
+                n_tokens, world = reduce(n_tokens), accelerator.num_processes
+            denom = (n_tokens / world).clamp(min=1.0 / world)
             for a in range(cfg.grad_accum):
                 idx = mb[a * micro:(a + 1) * micro].to(ro.prompt_ids.device)
                 cols = _trim(ro, idx)
@@ -838,28 +882,28 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
                     # one pass: the value head reads the policy's hidden states
                     new_logprobs, new_values = model(input_ids, attention_mask, r_ids, POLICY_AND_VALUE)
                     pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
-                                                             advantages[idx, :R], r_mask, cfg.cliprange)
+                                                             advantages[idx, :R], r_mask, cfg.cliprange, denom)
                     vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
-                                                  cfg.cliprange_value)
+                                                  cfg.cliprange_value, denom)
                     _check_loss(pl, "policy", step, ckpt_dir)
                     _check_loss(vl, "value", step, ckpt_dir)
-                    accelerator.backward((pl + cfg.vf_coef * vl) / cfg.grad_accum)
+                    accelerator.backward(pl + cfg.vf_coef * vl)
                 else:
                     # policy, then value: one role's activations at a time (their parameters are disjoint, so
                     # two backward passes give the gradient of policy_loss + vf_coef * value_loss)
                     new_logprobs = model(input_ids, attention_mask, r_ids, POLICY)  # (b, R')
                     pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
-                                                             advantages[idx, :R], r_mask, cfg.cliprange)
+                                                             advantages[idx, :R], r_mask, cfg.cliprange, denom)
                     _check_loss(pl, "policy", step, ckpt_dir)
-                    accelerator.backward(pl / cfg.grad_accum)
+                    accelerator.backward(pl)
                     del new_logprobs
                     new_values = model(input_ids, attention_mask, r_ids, VALUE)  # (b, R')
                     vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
-                                                  cfg.cliprange_value)
+                                                  cfg.cliprange_value, denom)
                     _check_loss(vl, "value", step, ckpt_dir)
-                    accelerator.backward(cfg.vf_coef * vl / cfg.grad_accum)
+                    accelerator.backward(cfg.vf_coef * vl)
                     del new_values
-                sums["loss/policy"] += pl.item()
+                sums["loss/policy"] += pl.item()  # micro-batch parts of the minibatch's token mean: they add up
                 sums["loss/value"] += vl.item()
                 sums["policy/clipfrac"] += clipfrac.item()
                 sums["policy/approx_kl"] += approx_kl.item()
@@ -869,7 +913,8 @@ def _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, ad
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+            n_updates += 1
+    return {k: v / max(n_updates if k.startswith("loss/") else n, 1) for k, v in sums.items()}
 
 
 def _check_loss(loss, which: str, step: int, ckpt_dir: Path) -> None:

@@ -326,8 +326,8 @@ def run(cfg) -> dict:
     from rlchat.progress import TrainerProgress, console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
     from rlchat.stages.common import (check_resume_settings, final_step, last_complete_checkpoint, oom_guard,
-                                      prepare_resume, quiet_libraries, stage_lifecycle, train_or_restore,
-                                      trainer_args)
+                                      is_sharded, prepare_resume, quiet_libraries, save_trained,
+                                      stage_lifecycle, train_or_restore, trainer_args)
 
     t_start = time.time()
     # 1. validate everything before the first write
@@ -405,15 +405,20 @@ def run(cfg) -> dict:
     old_config = (run.record(STAGE) or {}).get("config") if mode == "resume" else None
     stage_dir = run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=None if cfg.model else "sft",
                                 overwrite=cfg.overwrite)
+    from rlchat import dist
+
+    main = dist.is_main()  # under accelerate launch only the main process writes
     with stage_lifecycle(run, STAGE), oom_guard(STAGE):
-        atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+        if main:
+            atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
         from trl import RewardConfig as TrlRewardConfig
         from trl import RewardTrainer
 
         ckpt_dir = stage_dir / "checkpoints"
         resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
-        if mode == "resume":
+        if mode == "resume" and main:
             prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
+        dist.barrier()
         args = TrlRewardConfig(
             **trainer_args(cfg, ckpt_dir, has_eval=eval_set is not None),
             max_length=None,   # TRL would drop longer pairs; every pair was already truncated to fit above
@@ -436,6 +441,9 @@ def run(cfg) -> dict:
             console.print(f"[yellow]reward: resuming from {resume_from.name}[/]")
         result = train_or_restore(trainer, resume_from, final_step(cfg, old_config, resume_from))
         trl_eval = next((h for h in reversed(trainer.state.log_history) if "eval_accuracy" in h), {})
+        sharded = is_sharded(trainer)  # ZeRO-3 / FSDP: forward passes and saving need every process
+        if not main and not sharded:  # training (the collective part) is over; the main process scores, writes
+            return {"rank": dist.rank(), "steps": trainer.state.global_step}
 
         # 3. our own held-out scoring (the numbers PPO normalises with), then the outputs
         stats_cols, source = (eval_cols, "eval") if eval_set is not None else (
@@ -447,18 +455,15 @@ def run(cfg) -> dict:
         reward_stats = {k: stats[k] for k in ("mean", "std", "chosen_mean", "chosen_std", "rejected_mean",
                                               "rejected_std")}
         reward_stats.update(n_pairs=n, source=source, accuracy=stats["accuracy"], margin=stats["margin"])
+        save_trained(trainer, stage_dir / ("model" if cfg.full else "adapter"), full=cfg.full)
+        if not main:
+            return {"rank": dist.rank(), "steps": trainer.state.global_step}
         atomic_write_json(stage_dir / "reward_stats.json", reward_stats)
         # per-pair scores of that set: for plots, and to check that a reloaded model scores the same
         atomic_write_text(stage_dir / f"{source}_scores.jsonl", "".join(
             json.dumps({"row": row, "chosen": c, "rejected": r}) + "\n"
             for row, c, r in zip(stats_cols["rows"], scores[:n].tolist(), scores[n:].tolist())))
 
-        if cfg.full:
-            with atomic_dir(stage_dir / "model") as tmp:
-                trainer.model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            with atomic_dir(stage_dir / "adapter") as tmp:
-                trainer.model.save_pretrained(tmp)
         with atomic_dir(stage_dir / "tokenizer") as tmp:
             tokenizer.save_pretrained(tmp)
 
@@ -476,6 +481,7 @@ def run(cfg) -> dict:
             "steps": trainer.state.global_step,
             "n_train": len(train_set),
             "n_eval": len(eval_set) if eval_set is not None else 0,
+            "processes": dist.world_size(),
             "n_truncated": n_truncated,
             "n_identical_skipped": n_identical,
             "format": fmt,

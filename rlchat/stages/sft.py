@@ -38,13 +38,37 @@ def check_resume_matches(run, cfg, inputs: dict) -> None:
     check_resume_settings(run, "sft", cfg)
 
 
+try:
+    from transformers import TrainerCallback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
+
+
+class _EvalBefore(_Callback):
+    """Trainer callback: keeps the eval loss of the first evaluation (eval_on_start, before any step) and, on the
+    main process, writes it to eval_before.json so a resumed run still knows it."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.eval_loss = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from rlchat.rundir import atomic_write_json
+
+        if self.eval_loss is None and metrics and "eval_loss" in metrics:
+            self.eval_loss = metrics["eval_loss"]
+            if self.path is not None:
+                atomic_write_json(self.path, {"eval_loss": self.eval_loss})
+
+
 def run(cfg) -> dict:
-    from rlchat import data, models
+    from rlchat import data, dist, models
     from rlchat.config import to_dict, to_yaml
     from rlchat.progress import TrainerProgress, console
     from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
     from rlchat.stages.common import (drop_printer, final_step, last_complete_checkpoint, oom_guard, prepare_resume,
-                                      quiet_libraries, stage_lifecycle, train_or_restore, trainer_args)
+                                      quiet_libraries, save_trained, stage_lifecycle, train_or_restore,
+                                      trainer_args)
 
     t_start = time.time()
     # 1. validate everything before the first write
@@ -71,17 +95,26 @@ def run(cfg) -> dict:
     # 2. train
     old_config = (run.record("sft") or {}).get("config") if mode == "resume" else None
     stage_dir = run.begin_stage("sft", config=to_dict(cfg), inputs=inputs, parent=None, overwrite=cfg.overwrite)
+    main = dist.is_main()  # under accelerate launch only the main process writes
     with stage_lifecycle(run, "sft"), oom_guard("sft"):
-        atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+        if main:
+            atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
         from trl import SFTConfig as TrlSFTConfig
         from trl import SFTTrainer
 
         ckpt_dir = stage_dir / "checkpoints"
         resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
-        if mode == "resume":
+        if mode == "resume" and main:
             prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
+        dist.barrier()
+        before_path = stage_dir / "eval_before.json"
+        known_before = resume_from is not None and before_path.exists()
         args = TrlSFTConfig(
             **trainer_args(cfg, ckpt_dir, has_eval=eval_ds is not None),
+            # the eval loss before training comes from the trainer's own first evaluation, not from a
+            # trainer.evaluate() call before train(): in transformers 5.24 that call leaves the model unwrapped
+            # by DDP in train(), so the processes' gradients are never averaged (measured: they drift apart)
+            eval_on_start=eval_ds is not None and not known_before,
             max_length=cfg.max_length,
             packing=cfg.packing,
             assistant_only_loss=bool(cfg.assistant_only_loss and fmt == "messages"),
@@ -91,35 +124,30 @@ def run(cfg) -> dict:
         peft_config = None if cfg.full else models.lora_config(
             cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="CAUSAL_LM")
         progress = TrainerProgress(stage_dir / "metrics.jsonl", "sft")
+        before = _EvalBefore(before_path if main else None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[progress, before])
         drop_printer(trainer)
         trainable, total = models.count_parameters(trainer.model)
 
-        before_path = stage_dir / "eval_before.json"
-        eval_before = None
-        if eval_ds is not None:
-            if resume_from is not None and before_path.exists():
-                eval_before = json.loads(before_path.read_text()).get("eval_loss")
-            else:
-                eval_before = trainer.evaluate().get("eval_loss")
-                atomic_write_json(before_path, {"eval_loss": eval_before})
         if resume_from is not None:
             console.print(f"[yellow]sft: resuming from {resume_from.name}[/]")
         result = train_or_restore(trainer, resume_from, final_step(cfg, old_config, resume_from))
+        eval_before = None
+        if eval_ds is not None:
+            eval_before = (json.loads(before_path.read_text()).get("eval_loss") if known_before
+                           else before.eval_loss)
         final_eval = trainer.evaluate() if eval_ds is not None else {}
         eval_after = final_eval.get("eval_loss")
 
-        # 3. write outputs atomically
-        if cfg.full:
-            with atomic_dir(stage_dir / "model") as tmp:  # a standalone model dir: weights + tokenizer
-                trainer.model.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
+        # 3. write outputs atomically (main process; the others wait, then leave)
+        if cfg.full:  # a standalone model dir: weights + tokenizer
+            save_trained(trainer, stage_dir / "model", full=True, tokenizer=tokenizer)
         else:
-            with atomic_dir(stage_dir / "adapter") as tmp:
-                trainer.model.save_pretrained(tmp)
-        with atomic_dir(stage_dir / "tokenizer") as tmp:
-            tokenizer.save_pretrained(tmp)
+            save_trained(trainer, stage_dir / "adapter", full=False)
+        if main:
+            with atomic_dir(stage_dir / "tokenizer") as tmp:
+                tokenizer.save_pretrained(tmp)
 
         wall = time.time() - t_start
         metrics = {
@@ -130,6 +158,7 @@ def run(cfg) -> dict:
             "steps": trainer.state.global_step,
             "n_train": len(train_ds),
             "n_eval": len(eval_ds) if eval_ds is not None else 0,
+            "processes": dist.world_size(),
             "format": fmt,
             "trainable_params": trainable,
             "total_params": total,
