@@ -45,7 +45,7 @@ def _run_and_check(tmp_path):
         "reward: {dataset: .demo/data/pairs.jsonl, epochs: 1, lr: 3.0e-3, batch_size: 32, max_length: 128,"
         " lora_r: 32, lora_alpha: 64, lora_dropout: 0.0, logging_steps: 10, save_steps: 1000}\n"
         "ppo: {dataset: .demo/data/prompts.jsonl, episodes: 1024, batch_size: 32, mini_batches: 2, ppo_epochs: 4,"
-        " response_length: 48, temperature: 1.0, lr: 1.0e-3, kl_coef: 0.05, missing_eos_penalty: 1.0,"
+        " response_length: 48, temperature: 1.0, lr: 1.0e-3, kl_coef: 0.1, missing_eos_penalty: 1.0,"
         " save_every: 1000}\n"
         "eval: {dataset: .demo/data/eval_prompts.jsonl, judge: 'rlchat.demo.task:judge', temperature: 1.0,"
         " max_new_tokens: 48, batch_size: 64}\n")
@@ -59,12 +59,13 @@ def _run_and_check(tmp_path):
     summary = (f"judge sft {sft['mean_judge']:.3f} -> ppo {ppo['mean_judge']:.3f}, win {cmp['win_rate_judge']:.2f} "
                f"{cmp['ci_judge']}, kl {ppo['kl_to_ref']:.2f}")
     print(summary)
-    # Calibration (1 thread, seed 0): judge 0.738 -> 0.819, win rate 0.61 [0.52, 0.69], KL 1.96.
+    # Calibration (1 thread, seed 0): judge 0.658 -> 0.847, win rate 0.79 [0.71, 0.85], KL 2.57.
     # A PPO that does not learn (sign flipped, lr 0, reward ignored) gives sft's judge score give or take sampling
     # noise: the difference of two 128-prompt means has sd ~0.03 and the win rate sd ~0.04 around 0.5, so these
-    # bounds sit two standard deviations above what a broken PPO reaches.
-    assert ppo["mean_judge"] > sft["mean_judge"] + 0.06, summary
-    assert cmp["win_rate_judge"] > 0.58, summary
+    # bounds sit more than three standard deviations above what a broken PPO reaches, and below the calibration
+    # by a similar margin.
+    assert ppo["mean_judge"] > sft["mean_judge"] + 0.10, summary
+    assert cmp["win_rate_judge"] > 0.65, summary
     # no collapse: still stops, still says different things
     assert ppo["eos_rate"] > 0.9 and ppo["distinct_2"] > 0.5 * sft["distinct_2"], summary
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())

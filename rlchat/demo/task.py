@@ -9,7 +9,8 @@ on two CPU cores, can learn the format in minutes and a reward model can learn t
 Four parts, all deterministic for a seed (`write_demo_data` writes them as JSONL):
 
 * SFT conversations (`messages`): demonstrations of MIXED quality, `GOOD_FRACTION` good and the rest with one or
-  two flaws, so the SFT model is imperfect by the gold judge and there is something left for RLHF to fix.
+  two flaws (drawn with `FLAW_WEIGHTS`), so the SFT model is imperfect by the gold judge and there is something
+  left for RLHF to fix.
 * Preference pairs (`prompt`, `chosen`, `rejected`, conversational): two answers to the same prompt whose gold
   scores differ by at least `MIN_PAIR_GAP`, ordered by `judge`, then swapped with probability `LABEL_NOISE` (10%).
   So a perfect reward model agrees with the labels on about 90% of pairs: that is the accuracy ceiling of the
@@ -85,8 +86,14 @@ RUDE_WORDS = ("ugh", "whatever", "stop", "yourself", "boring", "annoying", "stup
 RAMBLE_FILLERS = ("I think that is true.", "Some people say so.", "That is what I heard.", "And so on and so on.")
 VAGUE_ANSWERS = ("It is a nice thing.", "That is a good one.", "There is not much to say.", "It is quite common.")
 
-GOOD_FRACTION = 0.35   # share of SFT demonstrations with no flaw (low enough that a sampled SFT answer is
+GOOD_FRACTION = 0.10   # share of SFT demonstrations with no flaw (low enough that a sampled SFT answer is
 #                        usually flawed, so "PPO beats SFT" is measurable: two perfect answers tie at 0.5)
+# How often each flaw is drawn. The content flaws (wrong colour or thing, a vague non-answer) need the model to
+# compare the answer with the prompt word by word; the demo's tiny LoRA reward model does not learn that from
+# 2000 pairs (measured: ~50% on pairs that differ only there, against 95-100% for the format flaws), so PPO
+# cannot remove them. They are drawn half as often as the format flaws (ramble, rude, no sign-off), which the
+# reward model learns, so what RLHF can fix dominates what it cannot. The judge weighs every flaw as before.
+FLAW_WEIGHTS = {"wrong_color": 0.5, "wrong_thing": 0.5, "vague": 0.5, "ramble": 1.0, "rude": 1.0, "no_signoff": 1.0}
 LABEL_NOISE = 0.10     # share of preference pairs whose chosen/rejected are swapped against the judge
 MIN_PAIR_GAP = 0.05    # pairs differ at least this much in gold score, so they are never ties
 FLAWS = ("wrong_color", "wrong_thing", "ramble", "rude", "no_signoff", "vague")
@@ -141,38 +148,50 @@ def _prompt_text(prompt) -> str:
 # ---------------------------------------------------------------- answers
 
 def make_answer(rng: random.Random, color: str, thing: str, flaws: tuple[str, ...] = ()) -> str:
-    """One answer to "tell me about the <color> <thing>", good when `flaws` is empty (see FLAWS)."""
-    shown_color, shown_thing = color, thing
-    if "wrong_color" in flaws:
-        shown_color = rng.choice([c for c in COLORS if c != color])
-    if "wrong_thing" in flaws:
-        shown_thing = rng.choice([t for t in THINGS if t != thing])
-    facts = rng.sample(FACTS[shown_thing], 2)
+    """One answer to "tell me about the <color> <thing>", good when `flaws` is empty (see FLAWS).
+
+    Every random choice is drawn whatever the flaws, in a fixed order, so two calls from the same rng state with
+    different flaws give the same answer edited only where the flaws differ (`flaw_pairs`)."""
+    other_color = rng.choice([c for c in COLORS if c != color])
+    other_thing = rng.choice([t for t in THINGS if t != thing])
+    fact_order, two_facts = rng.sample(range(3), 2), rng.random() >= 0.5
+    vague = rng.choice(VAGUE_ANSWERS)
+    ramble = [(rng.randrange(3), rng.randrange(3), rng.choice(RAMBLE_FILLERS)) for _ in range(rng.randint(4, 7))]
+    rude_opener, rude_closer, opener = rng.choice(RUDE_OPENERS), rng.choice(RUDE_CLOSERS), rng.choice(OPENERS)
+
+    shown_color = other_color if "wrong_color" in flaws else color
+    shown_thing = other_thing if "wrong_thing" in flaws else thing
+    facts = [FACTS[shown_thing][i] for i in fact_order]
     if "vague" in flaws:
-        body = rng.choice(VAGUE_ANSWERS)
-    elif rng.random() < 0.5:
-        body = f"The {shown_color} {shown_thing} {facts[0]}."
-    else:
+        body = vague
+    elif two_facts:
         body = f"The {shown_color} {shown_thing} {facts[0]} and {facts[1]}."
+    else:
+        body = f"The {shown_color} {shown_thing} {facts[0]}."
     parts = [body]
     if "ramble" in flaws:
-        for _ in range(rng.randint(4, 7)):
-            extra = rng.choice(FACTS[shown_thing])
-            parts.append(rng.choice([f"It {extra}.", f"Also it {extra}.", rng.choice(RAMBLE_FILLERS)]))
+        for form, i, filler in ramble:
+            extra = FACTS[shown_thing][i]
+            parts.append((f"It {extra}.", f"Also it {extra}.", filler)[form])
     if "rude" in flaws:
-        parts[0] = rng.choice(RUDE_OPENERS) + parts[0][0].lower() + parts[0][1:]
-        parts.append(rng.choice(RUDE_CLOSERS))
+        parts[0] = rude_opener + parts[0][0].lower() + parts[0][1:]
+        parts.append(rude_closer)
     elif "no_signoff" not in flaws:
         parts.append(SIGN_OFF)
-    opener = "" if "rude" in flaws else rng.choice(OPENERS)
-    return opener + " ".join(parts)
+    return ("" if "rude" in flaws else opener) + " ".join(parts)
 
 
 def sample_flaws(rng: random.Random, good_fraction: float = GOOD_FRACTION) -> tuple[str, ...]:
-    """No flaw with probability `good_fraction`, else one flaw (70%) or two different flaws (30%)."""
+    """No flaw with probability `good_fraction`, else one flaw (70%) or two different flaws (30%), drawn with
+    FLAW_WEIGHTS."""
     if rng.random() < good_fraction:
         return ()
-    return tuple(rng.sample(FLAWS, 1 if rng.random() < 0.7 else 2))
+    pool, chosen = list(FLAWS), []
+    for _ in range(1 if rng.random() < 0.7 else 2):
+        flaw = rng.choices(pool, weights=[FLAW_WEIGHTS[f] for f in pool])[0]
+        pool.remove(flaw)
+        chosen.append(flaw)
+    return tuple(chosen)
 
 
 # ---------------------------------------------------------------- gold judge
