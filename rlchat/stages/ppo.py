@@ -563,9 +563,12 @@ def _run(cfg) -> dict:
         saved.setdefault("processes", 1)  # checkpoints from before multi-process runs
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
         if changed:
-            raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with other model "
-                              f"settings ({'; '.join(changed)})",
-                              "rerun with the settings of the interrupted run, or pass --overwrite to start afresh")
+            what = "model settings" if any(k != "processes" for k in layout if saved.get(k) != layout[k]) else \
+                "number of processes"
+            raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with another "
+                              f"{what} ({'; '.join(changed)})",
+                              "rerun with the settings (and --num-processes) of the interrupted run, or pass "
+                              "--overwrite to start afresh")
     quiet_libraries()
     from transformers.utils import logging as hf_logging
 
