@@ -89,7 +89,8 @@ def build_assets(force: bool = False) -> dict:
     import torch
 
     from rlchat import models
-    from rlchat.rundir import RunDir, atomic_write_json, content_hash
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import atomic_write_json, content_hash
     from rlchat.tiny import build_tiny_model
 
     if ASSETS.exists():

@@ -109,77 +109,52 @@ def fail(err: RlchatError) -> typing.NoReturn:
     raise typer.Exit(err.exit_code)
 
 
-def _option_type(hint) -> tuple[type, bool]:
-    """Map a dataclass field type to (click-friendly type, is_list)."""
+def _option_type(hint) -> type:
+    """The click-friendly type of a dataclass field's option: lists are given as one comma-separated string
+    (config.resolve splits it, as it splits the same string in a recipe)."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):
         if any(typing.get_origin(a) is list or a is list for a in args):
-            return str, True
-        return _option_type(args[0]) if args else (str, False)
-    if hint is list or origin is list:
-        return str, True
+            return str
+        return _option_type(args[0]) if args else str
     if hint in (bool, int, float, str):
-        return hint, False
-    return str, False
+        return hint
+    return str
 
 
-def _stage_command(stage: str):
-    from rlchat import config as cfgmod
+def _option(name: str, default, annotation, *decls: str, help: str, **extra) -> inspect.Parameter:
+    """A keyword-only parameter of a generated command, shown under "Run" in --help."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
+        annotation, typer.Option(*decls, help=help, rich_help_panel="Run", **extra)])
 
-    name, module, short_help, example = STAGE_COMMANDS[stage]
-    cls = cfgmod.STAGE_CONFIGS[stage]
-    hints = typing.get_type_hints(cls)
-    common = {f.name for f in dataclasses.fields(cfgmod.TrainConfig)} if hasattr(cfgmod, "TrainConfig") else set()
-    params = [
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Optional[Path],
-                typer.Option("--config", "-c", help="Recipe YAML: shared keys plus a section per stage. "
-                             "Explicit flags override it.", rich_help_panel="Run"),
-            ],
-        ),
-        inspect.Parameter(
-            "json_out",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout.",
-                                                    rich_help_panel="Run")],
-        ),
-        inspect.Parameter(
-            "num_processes",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Optional[int], typer.Option(
-                "--num-processes", help="Run data parallel in N processes (one per GPU; gloo on CPU): re-launches "
-                "this command through `accelerate launch`. --batch-size is per process.",
-                rich_help_panel="Run", show_default=False)],
-        ),
-        inspect.Parameter(
-            "accelerate_config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Optional[Path], typer.Option(
-                "--accelerate-config", help="accelerate config file (DeepSpeed ZeRO / FSDP / multi-GPU; see "
-                "recipes/accelerate/) to re-launch this command with.", rich_help_panel="Run", show_default=False)],
-        ),
-        inspect.Parameter(
-            "dry_run",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[bool, typer.Option("--dry-run", help="Validate the settings and the dataset, print "
-                                                    "the plan; load no weights, write nothing.",
-                                                    rich_help_panel="Run")],
-        ),
+
+def _run_options() -> list[inspect.Parameter]:
+    """The options every stage command has besides its config fields."""
+    return [
+        _option("config", None, Optional[Path], "--config", "-c", help="Recipe YAML: shared keys plus a section per "
+                "stage. Explicit flags override it."),
+        _option("json_out", False, bool, "--json", help="Print the final metrics as JSON on stdout."),
+        _option("num_processes", None, Optional[int], "--num-processes", show_default=False, help="Run data "
+                "parallel in N processes (one per GPU; gloo on CPU): re-launches this command through `accelerate "
+                "launch`. --batch-size is per process."),
+        _option("accelerate_config", None, Optional[Path], "--accelerate-config", show_default=False,
+                help="accelerate config file (DeepSpeed ZeRO / FSDP / multi-GPU; see recipes/accelerate/) to "
+                "re-launch this command with."),
+        _option("dry_run", False, bool, "--dry-run", help="Validate the settings and the dataset, print the plan; "
+                "load no weights, write nothing."),
     ]
-    list_fields = set()
+
+
+def _field_options(cls) -> list[inspect.Parameter]:
+    """One option per field of the stage's config dataclass (help text and default from the field)."""
+    from rlchat.config import TrainConfig
+
+    hints = typing.get_type_hints(cls)
+    common = {f.name for f in dataclasses.fields(TrainConfig)}
+    params = []
     for f in dataclasses.fields(cls):
-        typ, is_list = _option_type(hints[f.name])
-        if is_list:
-            list_fields.add(f.name)
+        typ = _option_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if typ is bool else [flag]
         panel = "Run" if f.name in ("run_dir", "overwrite") else (
@@ -193,6 +168,14 @@ def _stage_command(stage: str):
             annotation=Annotated[Optional[typ], typer.Option(*decls, help=help_text, rich_help_panel=panel,
                                                              show_default=False)],
         ))
+    return params
+
+
+def _stage_command(stage: str):
+    """Register the command of `stage` (STAGE_COMMANDS): its flags are the config's fields plus _run_options."""
+    from rlchat.config import STAGE_CONFIGS
+
+    name, module, short_help, example = STAGE_COMMANDS[stage]
 
     def command(**kwargs):
         recipe = kwargs.pop("config")
@@ -200,13 +183,7 @@ def _stage_command(stage: str):
         dry_run = kwargs.pop("dry_run")
         num_processes = kwargs.pop("num_processes")
         accelerate_config = kwargs.pop("accelerate_config")
-        overrides = {}
-        for key, value in kwargs.items():
-            if value is None:
-                continue
-            if key in list_fields and isinstance(value, str) and "," in value:
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            overrides[key] = value
+        overrides = {key: value for key, value in kwargs.items() if value is not None}
         from rlchat import launch
 
         if not dry_run and launch.should_relaunch(num_processes, accelerate_config):
@@ -218,7 +195,7 @@ def _stage_command(stage: str):
             raise typer.Exit(code)
         run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out, dry_run)
 
-    command.__signature__ = inspect.Signature(params)
+    command.__signature__ = inspect.Signature(_run_options() + _field_options(STAGE_CONFIGS[stage]))
     command.__name__ = name.replace("-", "_")
     command.__doc__ = f"{short_help}\n\nExample:\n\n    {example}"
     app.command(name, help=command.__doc__, short_help=short_help,
@@ -303,7 +280,8 @@ def status(
     from rich.table import Table
 
     from rlchat.progress import console
-    from rlchat.rundir import RunDir, summary_rows
+    from rlchat.rundir import RunDir
+    from rlchat.status import summary_rows
 
     try:
         run = RunDir(run_dir)
@@ -360,7 +338,7 @@ def score_cmd(
     from rlchat.progress import console
 
     try:
-        from rlchat.stages.reward import score
+        from rlchat.score import score
 
         result = score(run_dir, dataset, out, split=split, batch_size=batch_size, dataset_config=dataset_config,
                        trust_remote_code=trust_remote_code)
@@ -451,7 +429,7 @@ def new_model(
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise RlchatError(f"{out} exists and is not empty", "choose another directory or pass --overwrite")
         from rlchat import tiny
-        from rlchat.stages.common import quiet_libraries
+        from rlchat.progress import quiet_libraries
 
         quiet_libraries()
         if size not in tiny.SIZES:

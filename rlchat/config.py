@@ -2,8 +2,9 @@
 
 Every field carries its help text in `metadata["help"]` (the CLI shows it, so it is written once here) and its
 range rules (`gt`, `ge`, `lt`, `le`, `choices`, `required`) that `validate()` checks. `resolve()` gathers every
-problem (unknown keys with a "did you mean", values of the wrong type, out-of-range values, cross-field rules such
-as PPO batch divisibility) and raises them together in one ConfigError, before anything is loaded or written.
+problem (unknown keys with a "did you mean", values of the wrong type (rlchat/coerce.py converts them), out-of-range
+values, cross-field rules such as PPO batch divisibility) and raises them together in one ConfigError, before
+anything is loaded or written; the stages do not validate it again.
 
 A recipe is YAML: top-level keys apply to every stage that has them (except `model`, the pipeline's base, which
 applies to sft only: later stages start from the run's SFT model); `sft:`, `reward:`, `ppo:` and `eval:`
@@ -20,18 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rlchat.coerce import BadValue, coerce
 from rlchat.errors import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 EVAL_POLICIES = ("base", "sft", "ppo")
-NULL_WORDS = ("none", "null", "~")  # a string that means None for an Optional field (e.g. `--target-kl none`)
 
 
 def _f(default, help: str, **rules):
@@ -281,8 +280,12 @@ class PPOConfig(RunConfig):
         if self.reward_fn is not None and ":" not in self.reward_fn:
             out.append(f"reward_fn must look like 'module:function' or 'path/file.py:function', got "
                        f"{self.reward_fn!r}")
-        if not bad & {"reward_model_weight", "reward_fn_weight"} and self.reward_model_weight == 0 and (self.reward_fn is None or self.reward_fn_weight == 0):
+        if (not bad & {"reward_model_weight", "reward_fn_weight"} and self.reward_model_weight == 0
+                and (self.reward_fn is None or self.reward_fn_weight == 0)):
             out.append("reward_model_weight is 0 and there is no weighted reward_fn: nothing would score responses")
+        if "value_model" not in bad and self.value_model == "policy" and (self.separate_models or self.full):
+            out.append("value_model 'policy' (a shared critic) needs the shared base: drop separate_models / full, "
+                       "or use value_model 'adapter'")
         return out
 
 
@@ -311,108 +314,6 @@ def _choices_text(values: list[int]) -> str:
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
-
-
-# ---- type coercion --------------------------------------------------------------------------------------------
-
-
-class _BadValue(Exception):
-    def __init__(self, expected: str):
-        self.expected = expected
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _to_bool(v):
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
-        return v.strip().lower() in _TRUE
-    raise _BadValue("true or false")
-
-
-def _to_int(v):
-    if isinstance(v, bool):
-        raise _BadValue("an integer")
-    if isinstance(v, int):
-        return v
-    try:
-        x = float(v.strip()) if isinstance(v, str) else float(v) if isinstance(v, float) else None
-    except ValueError:
-        x = None
-    if x is not None and x.is_integer():
-        return int(x)
-    raise _BadValue("an integer")
-
-
-def _to_float(v):
-    if isinstance(v, bool):
-        raise _BadValue("a number")
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.strip())  # YAML reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
-    raise _BadValue("a number")
-
-
-def _to_str(v):
-    if isinstance(v, str):
-        return v
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)  # e.g. `dataset_config: 2023` read by YAML as an int
-    raise _BadValue("a string")
-
-
-def _to_str_list(v):
-    if isinstance(v, str):
-        return [s.strip() for s in v.split(",") if s.strip()]
-    if isinstance(v, (list, tuple)):
-        try:
-            return [_to_str(x) for x in v]
-        except _BadValue:
-            pass
-    raise _BadValue("a list of strings")
-
-
-_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-
-
-def _coerce(v, tp):
-    """`v` (from YAML or a command-line string) converted to the field type `tp`; _BadValue if it can't be."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        optional = len(rest) < len(args)
-        if optional and (v is None or (isinstance(v, str) and v.strip().lower() in NULL_WORDS)):
-            return None
-        if len(rest) == 1:
-            try:
-                return _coerce(v, rest[0])
-            except _BadValue as bad:
-                raise _BadValue(bad.expected + (" or null" if optional else "")) from None
-        if set(rest) == {str, list[str]}:  # lora_target_modules: a name, or several names
-            if isinstance(v, str) and "," not in v:
-                return v
-            try:
-                return _to_str_list(v)
-            except _BadValue:
-                raise _BadValue("a string or a list of strings") from None
-        raise AssertionError(f"unsupported config type {tp}")
-    if origin is list and args == (str,):
-        return _to_str_list(v)
-    if tp in _SCALARS:
-        if v is None:
-            raise _BadValue({bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp])
-        return _SCALARS[tp](v)
-    raise AssertionError(f"unsupported config type {tp}")
 
 
 # ---- resolve --------------------------------------------------------------------------------------------------
@@ -520,8 +421,8 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
     values = {}
     for key, (val, where) in given.items():
         try:
-            values[key] = _coerce(val, hints[key])
-        except _BadValue as bad:
+            values[key] = coerce(val, hints[key])
+        except BadValue as bad:
             problems.append(f"{key} must be {bad.expected}, got {val!r} (in {where})")
 
     cfg = stage_cls(**values)

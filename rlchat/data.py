@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlchat.errors import DataError
+from rlchat.errors import DataError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -120,7 +120,7 @@ def _load_file(spec: str, path: Path) -> "datasets.Dataset":
 
             table = pacsv.read_csv(path)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError with a readable message
-        raise DataError(f"could not read {spec}: {_first_line(err)}",
+        raise DataError(f"could not read {spec}: {first_line(err)}",
                         f"check that the file is valid {suffix[1:].upper()}") from err
     return datasets.Dataset(table)
 
@@ -187,7 +187,7 @@ def _rows_to_dataset(spec: str, rows: list[dict]) -> "datasets.Dataset":
     try:
         return datasets.Dataset.from_dict(data)
     except Exception as err:  # pyarrow: a column mixes types (e.g. a number in one row, text in another)
-        raise DataError(f"could not build a table from {spec}: {_first_line(err)}",
+        raise DataError(f"could not build a table from {spec}: {first_line(err)}",
                         "give each column one type in every row (for example always a string)") from err
 
 
@@ -199,7 +199,7 @@ def _load_directory(spec: str, path: Path, split: str | None, config: str | None
         try:
             loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
         except Exception as err:  # noqa: BLE001 - damaged or foreign save_to_disk files: one line for the user
-            raise DataError(f"could not load the save_to_disk directory {spec}: {_first_line(err)}",
+            raise DataError(f"could not load the save_to_disk directory {spec}: {first_line(err)}",
                             "save it again with dataset.save_to_disk(dir), or pass a .jsonl/.parquet file") from None
     if (path / "dataset_dict.json").is_file():
         return _pick_split(spec, loaded, split)
@@ -213,7 +213,7 @@ def _load_directory(spec: str, path: Path, split: str | None, config: str | None
     try:
         loaded = datasets.load_dataset(str(path), config, split=None)
     except Exception as err:
-        raise DataError(f"could not load dataset directory {spec}: {_first_line(err)}",
+        raise DataError(f"could not load dataset directory {spec}: {first_line(err)}",
                         "pass a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a Hub id") from None
     return _pick_split(spec, loaded, split)
 
@@ -245,7 +245,7 @@ def _load_hub(spec: str, split: str | None, config: str | None) -> "datasets.Dat
     except Exception as err:  # DatasetNotFoundError, ConnectionError (offline), ValueError (unknown split/config)
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = " (HF_HUB_OFFLINE is set: only datasets already in the local cache load)" if offline else ""
-        raise DataError(f"could not load dataset '{spec}' from the Hub{hint}: {_first_line(err)}; "
+        raise DataError(f"could not load dataset '{spec}' from the Hub{hint}: {first_line(err)}; "
                         f"no local file named '{spec}' exists either",
                         "check the id, config and split, or use a local file") from None
     if isinstance(loaded, datasets.DatasetDict):  # split=None
@@ -434,11 +434,6 @@ def describe(ds: "datasets.Dataset", fmt: str) -> str:
 
 def _name(name: str | None) -> str:
     return f"dataset {name} " if name else "the dataset "
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")
 
 
 def _json_type(value: Any) -> str:

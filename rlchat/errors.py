@@ -45,3 +45,10 @@ class ModelError(RlchatError):
 
 class RunDirError(RlchatError):
     """A problem with the run directory: missing parent stage, finished stage, lock, corrupt manifest."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), without a final '.'
+    (for quoting a library's error inside a one-line RlchatError)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")

@@ -53,11 +53,10 @@ def load_policy(run_dir, stage: str = "ppo", merge: bool = True, trust_remote_co
                 device: str | None = None):
     """(model, tokenizer) of a finished stage's policy. sft: base with the SFT adapter merged (or the full SFT
     model); ppo: that plus the PPO policy adapter, merged when `merge` (else a PeftModel)."""
-    from rlchat import models
-    from rlchat.stages.evaluate import load_ppo_policy
+    from rlchat.run_models import load_ppo_policy, load_sft_policy
 
     run = check_stage(run_dir, stage)
-    model, tokenizer = models.load_sft_policy(run.path, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_sft_policy(run.path, trust_remote_code=trust_remote_code)
     if stage == "ppo":
         model, shared = load_ppo_policy(run, model, trust_remote_code)
         if shared and merge:
@@ -75,7 +74,7 @@ def _checkpoint_dtype(run, trust_remote_code: bool):
     """The torch dtype the base checkpoint was saved in (config.dtype / torch_dtype), or None if unknown."""
     import torch
 
-    from rlchat.stages.evaluate import base_model_spec
+    from rlchat.run_models import base_model_spec
 
     try:
         from transformers import AutoConfig
@@ -96,7 +95,8 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
     directory unless `overwrite` (then the old directory is replaced only once the new one is complete).
     """
     from rlchat.progress import console
-    from rlchat.rundir import atomic_dir
+    from rlchat.run_models import sft_base_spec
+    from rlchat.fileio import atomic_dir
 
     out = Path(out).expanduser()
     # 1. validate before loading anything
@@ -111,7 +111,7 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
 
     # 2. merge
     t0 = time.time()
-    from rlchat.stages.common import quiet_libraries
+    from rlchat.progress import quiet_libraries
 
     quiet_libraries()
     model, tokenizer = load_policy(run.path, stage, merge=True, trust_remote_code=trust_remote_code)
@@ -139,7 +139,8 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         rec = run.record(stage) or {}
-        info = {"run_dir": str(run.path.resolve()), "stage": stage, "base_model": base_spec(run),
+        info = {"run_dir": str(run.path.resolve()), "stage": stage,
+                "base_model": sft_base_spec(run.record("sft") or {}),
                 "stage_ended": rec.get("ended"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "dtype": str(model.dtype).removeprefix("torch."),
                 "adapters_merged": _merged_adapters(run, stage)}
@@ -148,11 +149,6 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
                   f"({time.time() - t0:.0f}s); load it with AutoModelForCausalLM.from_pretrained('{out}')",
                   highlight=False, soft_wrap=True)
     return out
-
-
-def base_spec(run) -> str | None:
-    rec = run.record("sft") or {}
-    return (rec.get("outputs") or {}).get("base_model") or (rec.get("config") or {}).get("model")
 
 
 def _merged_adapters(run, stage: str) -> list[str]:
@@ -173,30 +169,27 @@ def _generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int,
                     top_p: float, streamer=None) -> str:
     import torch
 
-    from rlchat.stages.evaluate import encode_prompt, generation_config, max_positions, stop_token_ids
+    from rlchat.generation import (cut_at_stop, decode_responses, encode_prompt, generation_config, prompt_limit,
+                                   response_lists, stop_token_ids)
 
-    limit = max_positions(model)
-    ids = encode_prompt(tokenizer, messages, None if limit is None else max(1, limit - max_new_tokens))
+    ids = encode_prompt(tokenizer, messages, prompt_limit(model, max_new_tokens))
     stop_ids = stop_token_ids(model, tokenizer)
-    gen = generation_config(tokenizer, stop_ids, max_new_tokens, temperature, top_p)
+    gen = generation_config(max_new_tokens, temperature, top_p, stop_ids, tokenizer.pad_token_id,
+                            bos_id=tokenizer.bos_token_id)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen,
                              streamer=streamer)
-    reply = out[0, input_ids.shape[1]:].tolist()
-    for i, t in enumerate(reply):
-        if t in stop_ids:
-            reply = reply[:i]
-            break
-    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+    reply_ids, reply_mask, _ = cut_at_stop(out[:, input_ids.shape[1]:], stop_ids, tokenizer.pad_token_id)
+    return decode_responses(tokenizer, response_lists(reply_ids, reply_mask), stop_ids)[0].strip()
 
 
 def _fit_history(tokenizer, messages: list[dict], limit: int | None, reserve: int) -> list[dict]:
     """Drop the oldest turns (keeping a system message) until the prompt fits the model's context."""
     if limit is None:
         return messages
-    from rlchat.stages.evaluate import encode_prompt
+    from rlchat.generation import encode_prompt
 
     msgs = list(messages)
     while len(msgs) > 1 and len(encode_prompt(tokenizer, msgs)) > limit - reserve:
@@ -220,8 +213,8 @@ def chat(run_dir, stage: str = "ppo", prompt: str | None = None, max_new_tokens:
 
     from rlchat import models
     from rlchat.progress import console
-    from rlchat.stages.common import quiet_libraries
-    from rlchat.stages.evaluate import max_positions
+    from rlchat.progress import quiet_libraries
+    from rlchat.generation import max_positions
 
     if max_new_tokens <= 0:
         raise RlchatError(f"max_new_tokens must be > 0, got {max_new_tokens}", "pass --max-new-tokens 256")

@@ -1,4 +1,6 @@
-"""Load tokenizers and causal LMs (Hub id or local directory), LoRA configs, and the models built from a run.
+"""Load tokenizers and causal LMs (Hub id or local directory), LoRA configs; check model files.
+
+A run's own models (the SFT policy, the reward model, the PPO policy) are loaded by rlchat/run_models.py.
 
 - `load_tokenizer(spec)`: AutoTokenizer with three defaults the stages rely on:
   1. a pad token: the tokenizer's own, else its unk token (when distinct from eos), else its eos token, else a
@@ -15,18 +17,6 @@
   adapter instead of a model, .bin-only weights, an encoder or classifier instead of a causal LM, custom code
   without `--trust-remote-code`. Hub ids are looked up by transformers (the cache first; nothing is downloaded
   when HF_HUB_OFFLINE=1).
-- `load_sft_policy(run_dir)`: the SFT policy of a run, as written by `rlchat.stages.sft`:
-
-      RUN/run.json   stages.sft.status == "done"; stages.sft.outputs ==
-                     {"kind": "lora" | "full", "adapter": "sft/adapter" | null, "model": "sft/model" | null,
-                      "tokenizer": "sft/tokenizer", "base_model": <spec of the base model>}
-      RUN/sft/adapter/    PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)   kind "lora"
-      RUN/sft/model/      full model (config.json + model.safetensors)                          kind "full"
-      RUN/sft/tokenizer/  tokenizer files
-
-  It returns the base model with the adapter merged in (`merge_and_unload`), or the full model, plus the
-  tokenizer from RUN/sft/tokenizer. Paths in `outputs` are relative to RUN. A relative `base_model` path is
-  resolved from the current directory (as the SFT stage saw it), then from RUN's parent.
 - `seq_cls_from_causal(model)`: a sequence-classification model (reward / value model) that starts from the
   causal model's backbone weights, built in memory (nothing is written to disk).
 
@@ -41,7 +31,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlchat.errors import ConfigError, ModelError, RunDirError
+from rlchat.errors import ConfigError, ModelError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import peft
@@ -243,59 +233,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def load_sft_policy(run_dir_path: str | Path, trust_remote_code: bool = False, dtype: Any = None,
-                    device: str | None = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """(model, tokenizer) of a finished SFT stage: base + merged LoRA adapter, or the full SFT model.
-
-    See the module docstring for the RUN/ layout it reads. The model comes back in eval mode.
-    """
-    run_path = Path(run_dir_path).expanduser()
-    rec = _sft_record(run_path)
-    outputs = rec.get("outputs") or {}
-    kind = outputs.get("kind")
-    fix = "run `rlchat sft` again for this run directory (with --overwrite)"
-    if kind not in ("lora", "full"):
-        raise RunDirError(f"the sft entry in {run_path / 'run.json'} has outputs.kind {kind!r}, "
-                          "expected 'lora' or 'full'", fix)
-    # every path the manifest names is checked (inside RUN, files whole) before anything is loaded
-    tok_dir = manifest_path(run_path, outputs.get("tokenizer") or "sft/tokenizer")
-    weights_dir = manifest_path(run_path, outputs.get("model") or "sft/model") if kind == "full" else \
-        manifest_path(run_path, outputs.get("adapter") or "sft/adapter")
-    if kind == "lora":
-        if not (weights_dir / "adapter_config.json").is_file():
-            raise RunDirError(f"SFT adapter not found: {weights_dir} has no adapter_config.json", fix)
-        _read_json(weights_dir / "adapter_config.json", fix)
-    check_weights(weights_dir, f"{fix}; a finished stage keeps no resumable state")
-    tokenizer = load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code)
-
-    if kind == "full":
-        model = load_causal_lm(str(weights_dir), trust_remote_code=trust_remote_code, dtype=dtype)
-    else:
-        adapter_dir = weights_dir
-        base = resolve_base_spec(run_path, outputs.get("base_model") or (rec.get("config") or {}).get("model"))
-        try:
-            model = load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=dtype)
-        except ModelError as err:
-            raise ModelError(f"cannot load the base model of the SFT adapter in {run_path}: {err.problem}",
-                             f"{err.fix}; the adapter must be applied to the model SFT trained on") from None
-        # SFT may have grown the vocabulary (a new pad token): the adapter then holds the bigger embeddings.
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        except Exception as err:
-            raise ModelError(f"could not apply the SFT adapter {adapter_dir} to base model {base}: "
-                             f"{_first_line(err)}", "check that the base model is the one SFT trained on; "
-                             f"{fix}") from None
-    align_model_with_tokenizer(model, tokenizer)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
-
-
 def seq_cls_from_causal(causal_model: "PreTrainedModel", num_labels: int = 1,
                         pad_token_id: int | None = None) -> "PreTrainedModel":
     """An AutoModelForSequenceClassification with the causal model's backbone weights and a fresh `score` head.
@@ -327,7 +264,7 @@ def seq_cls_from_causal(causal_model: "PreTrainedModel", num_labels: int = 1,
         model = AutoModelForSequenceClassification.from_config(config, dtype=causal_model.dtype)
     except ValueError as err:  # no sequence-classification class for this model type
         raise ModelError(f"{name} ({config.model_type}) has no sequence-classification variant in transformers: "
-                         f"{_first_line(err)}", "use a model family with a ...ForSequenceClassification class "
+                         f"{first_line(err)}", "use a model family with a ...ForSequenceClassification class "
                          "(Llama, Qwen2, Mistral, GPT-2, ...)") from None
     state = {k: v.detach().clone() for k, v in causal_model.state_dict().items()}
     result = model.load_state_dict(state, strict=False)
@@ -406,7 +343,7 @@ def _check_local_dir(spec: str) -> Path:
 def _check_model_files(spec: str, path: Path) -> None:
     if not (path / "config.json").is_file():
         if (path / "adapter_config.json").is_file():
-            base = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+            base = read_json_object(path / "adapter_config.json").get("base_model_name_or_path")
             raise ModelError(f"{spec} is a PEFT adapter, not a full model",
                              f"pass its base model ({base or 'see adapter_config.json'}) as the model; "
                              "the adapter is applied by the stage that made it")
@@ -433,7 +370,7 @@ def _check_remote_code(spec: str, path: Path, trust_remote_code: bool) -> None:
     config_path = path / "config.json"
     if trust_remote_code or not config_path.is_file():
         return
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES:
         raise _remote_code_error(spec)
 
@@ -472,7 +409,7 @@ def _remote_code_error(spec: str) -> ModelError:
 
 def _load_error(spec: str, err: BaseException, what: str) -> ModelError:
     """A transformers loading error as a one-line ModelError."""
-    text = _first_line(err)
+    text = first_line(err)
     if "trust_remote_code" in str(err):
         return _remote_code_error(spec)
     if is_local(spec):
@@ -488,69 +425,10 @@ def _load_error(spec: str, err: BaseException, what: str) -> ModelError:
                       f"'{spec}' exists either", "check the id and your network, or pass a local model directory")
 
 
-def _sft_record(run_path: Path) -> dict:
-    """The manifest entry of a finished sft stage (through rlchat.rundir when it is there)."""
-    fix = f"run `rlchat sft --run-dir {run_path}` first"
-    try:
-        from rlchat.rundir import RunDir
-    except ImportError:  # rundir.py not written yet: read the manifest directly
-        RunDir = None
-    if RunDir is not None:
-        return RunDir(run_path).require_done("sft", fix)
-    manifest_path = run_path / "run.json"
-    if not manifest_path.is_file():
-        raise RunDirError(f"no run manifest at {manifest_path}", fix)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"cannot read {manifest_path}: {_first_line(err)}", "restore the file") from None
-    rec = (manifest.get("stages") or {}).get("sft")
-    if not rec or rec.get("status") != "done":
-        raise RunDirError(f"stage 'sft' is not done in {run_path}", fix)
-    return rec
-
-
-def resolve_base_spec(run_path: str | Path, base: str | None) -> str:
-    """The SFT base model spec as loadable now: a relative path missing from the current directory is looked up
-    beside the run directory; Hub ids pass through."""
-    run_path = Path(run_path)
-    if not base:
-        raise RunDirError(f"the sft entry in {run_path / 'run.json'} names no base model (outputs.base_model)",
-                          "run `rlchat sft` again for this run directory (with --overwrite)")
-    path = Path(base).expanduser()
-    if is_local(base) and not path.is_absolute() and not path.exists():
-        beside = run_path.parent / path
-        if beside.exists():
-            return str(beside)
-    return base
-
-
-_resolve_base = resolve_base_spec  # old private name, still used by stages/evaluate.py
-
-
-def _read_json(path: Path, fix: str = "restore or regenerate the file") -> dict:
+def read_json_object(path: Path, fix: str = "restore or regenerate the file") -> dict:
+    """A JSON file's object ({} for another JSON value); ModelError naming the file if it is not valid JSON."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path} is not valid JSON: {_first_line(err)}", fix) from None
+        raise ModelError(f"{path} is not valid JSON: {first_line(err)}", fix) from None
     return data if isinstance(data, dict) else {}
-
-
-def manifest_path(run_path: str | Path, rel: str) -> Path:
-    """A path recorded in the manifest (relative to RUN), resolved; RunDirError if it leads outside the run
-    directory (a hand-edited or foreign run.json must not make a stage read or write elsewhere)."""
-    from rlchat.rundir import RunDir
-
-    try:
-        return RunDir(run_path).resolve_inside(rel)
-    except RunDirError:
-        raise RunDirError(f"{Path(run_path) / 'run.json'} names {rel}, which points outside the run directory",
-                          "restore run.json, or rerun the stage that wrote it with --overwrite") from None
-
-
-_inside = manifest_path
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")

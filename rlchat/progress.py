@@ -3,19 +3,22 @@
 `TrainerProgress` is a transformers `TrainerCallback`: it draws one rich progress bar (pass `disable_tqdm=True`
 to the trainer so tqdm does not draw a second one) and appends every log dict the trainer emits as one JSON row
 to `metrics.jsonl` (train loss, eval loss, learning rate, ... with `step` and `epoch`).
-`stage_progress()` gives the same bar for hand-written loops (PPO, eval).
-Progress goes to stderr, so `--json` output on stdout stays machine-readable.
+`stage_progress()` gives the same bar for hand-written loops (PPO, eval); `Trackers` mirrors such a loop's
+metrics rows to tensorboard or wandb (`--report-to`; `check_report_to` says early when the package is missing).
+`quiet_libraries()` silences the libraries' own bars and chatter. Progress goes to stderr, so `--json` output on
+stdout stays machine-readable.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import os
+from rlchat.errors import ConfigError
 
 # RLCHAT_FORCE_TERMINAL: set by `--num-processes` re-launch (rlchat/launch.py), whose children write to a pipe
 # In a multi-process run only the main process (RANK 0) prints; the others' console is quiet.
@@ -37,6 +40,67 @@ def stage_progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is noise for a CLI user (warnings stay for real problems)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars on every save
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*TRLExperimentalWarning.*")
+
+
+class Trackers:
+    """Optional tensorboard / wandb mirrors of metrics.jsonl (metrics.jsonl is always written)."""
+
+    def __init__(self, kind: str, stage_dir: Path, config: dict):
+        self.tb = self.wandb = None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(stage_dir / "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project=os.environ.get("WANDB_PROJECT", "rlchat"), name=stage_dir.parent.name,
+                       config=config, resume="allow", dir=str(stage_dir))
+
+    def log(self, row: dict, step: int) -> None:
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_report_to(kind: str) -> None:
+    import importlib.util
+
+    need = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
+    if need and importlib.util.find_spec(need) is None:
+        raise ConfigError(f"--report-to {kind} needs the '{need}' package, which is not installed",
+                          f"pip install {need}, or pass --report-to none")
 
 
 def _clean(value):
@@ -78,7 +142,7 @@ class TrainerProgress(_Base):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        from rlchat.rundir import append_jsonl
+        from rlchat.fileio import append_jsonl
 
         row = {"step": state.global_step, "epoch": _clean(state.epoch), "time_s": round(time.time() - self.t0, 3)}
         row.update({k: _clean(v) for k, v in logs.items()})

@@ -54,13 +54,10 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def series(rows: list[dict], *keys: str) -> tuple[list[float], list[float], str | None]:
-    """(steps, values, key) of the first key in `keys` that some rows have as a finite number."""
-    for key in keys:
-        pts = [(r.get("step"), r[key]) for r in rows if _num(r.get(key)) and _num(r.get("step"))]
-        if pts:
-            return [p[0] for p in pts], [p[1] for p in pts], key
-    return [], [], None
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that have `key` (and a step) as a finite number."""
+    pts = [(r.get("step"), r[key]) for r in rows if _num(r.get(key)) and _num(r.get("step"))]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def stage_metrics(run, stage: str) -> list[dict]:
@@ -133,104 +130,74 @@ def _no_data(ax, what: str):
     ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _panel(ax, curves: list[tuple], title: str, ylabel: str, missing: str, title_size: float | None = None) -> None:
+    """One axis of a training plot. curves: (series(rows, key), label, color, smooth): a training curve is
+    smoothed, a held-out one (smooth=False) drawn with markers; "no <missing> logged" when none has data."""
+    drawn = False
+    for (steps, values), label, color, smooth in curves:
+        if steps:
+            _line(ax, steps, values, label, color=color, smooth=smooth, marker=None if smooth else "o")
+            drawn = True
+    if not drawn:
+        _no_data(ax, missing)
+    ax.set_title(title, **({"fontsize": title_size} if title_size else {}))
+    ax.set_ylabel(ylabel)
+
+
+def _finish(fig, axes: list, xlabel: str, path: Path, legend_size: float | None = None) -> Path:
+    """Integer steps on the x axes, grid and legend on each axis, then save the figure."""
+    _integer_steps(*axes)
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**({"fontsize": legend_size} if legend_size else {}))
+    return _save(fig, path)
+
+
 def plot_sft(rows: list[dict], path: Path) -> Path | None:
-    train = series(rows, "loss", "train/loss")
-    evl = series(rows, "eval_loss", "eval/loss")
+    train, evl = series(rows, "loss"), series(rows, "eval_loss")
     if not train[0] and not evl[0]:
         return None
     fig, (ax,) = _figure()
-    if train[0]:
-        _line(ax, train[0], train[1], "train loss", color="#1f77b4", smooth=True)
-    if evl[0]:
-        _line(ax, evl[0], evl[1], "held-out loss", color="#ff7f0e", marker="o")
-    ax.set_title("SFT: cross-entropy loss on the assistant tokens")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
-    _integer_steps(ax)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    _panel(ax, [(train, "train loss", "#1f77b4", True), (evl, "held-out loss", "#ff7f0e", False)],
+           "SFT: cross-entropy loss on the assistant tokens", "loss (nats per token)", "loss")
+    return _finish(fig, [ax], "optimizer step", path)
 
 
 def plot_reward(rows: list[dict], path: Path) -> Path | None:
-    loss = series(rows, "loss", "train/loss")
-    eval_loss = series(rows, "eval_loss", "eval/loss")
-    acc = series(rows, "accuracy", "train/accuracy", "rewards/accuracies")
-    eval_acc = series(rows, "eval_accuracy", "eval/accuracy", "eval_rewards/accuracies")
+    loss, eval_loss = series(rows, "loss"), series(rows, "eval_loss")
+    acc, eval_acc = series(rows, "accuracy"), series(rows, "eval_accuracy")
     if not any(s[0] for s in (loss, eval_loss, acc, eval_acc)):
         return None
     fig, (ax1, ax2) = _figure(ncols=2, width=11, height=4.2)
-    if loss[0]:
-        _line(ax1, loss[0], loss[1], "train loss", color="#1f77b4", smooth=True)
-    if eval_loss[0]:
-        _line(ax1, eval_loss[0], eval_loss[1], "held-out loss", color="#ff7f0e", marker="o")
-    if not loss[0] and not eval_loss[0]:
-        _no_data(ax1, "loss")
-    ax1.set_title("Reward model: pairwise loss -log sigmoid(r_chosen - r_rejected)", fontsize=10)
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("loss (nats per pair)")
-    if acc[0]:
-        _line(ax2, acc[0], acc[1], "train accuracy", color="#1f77b4", smooth=True)
-    if eval_acc[0]:
-        _line(ax2, eval_acc[0], eval_acc[1], "held-out accuracy", color="#ff7f0e", marker="o")
-    if not acc[0] and not eval_acc[0]:
-        _no_data(ax2, "accuracy")
+    _panel(ax1, [(loss, "train loss", "#1f77b4", True), (eval_loss, "held-out loss", "#ff7f0e", False)],
+           "Reward model: pairwise loss -log sigmoid(r_chosen - r_rejected)", "loss (nats per pair)", "loss",
+           title_size=10)
+    _panel(ax2, [(acc, "train accuracy", "#1f77b4", True), (eval_acc, "held-out accuracy", "#ff7f0e", False)],
+           "Reward model: accuracy (chosen scored above rejected)", "fraction of pairs", "accuracy", title_size=10)
     ax2.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance (0.5)")
     ax2.set_ylim(0, 1.02)
-    ax2.set_title("Reward model: accuracy (chosen scored above rejected)", fontsize=10)
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("fraction of pairs")
-    _integer_steps(ax1, ax2)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    return _save(fig, path)
+    return _finish(fig, [ax1, ax2], "optimizer step", path)
 
 
 def plot_ppo(rows: list[dict], path: Path) -> Path | None:
-    score = series(rows, "objective/scores", "scores/mean", "score/mean")
-    reward = series(rows, "objective/rewards", "rewards/mean")
-    kl = series(rows, "objective/kl", "kl/mean")
-    length = series(rows, "response/length", "response_length")
-    vloss = series(rows, "loss/value", "value_loss")
+    score, reward = series(rows, "objective/scores"), series(rows, "objective/rewards")
+    kl, length, vloss = series(rows, "objective/kl"), series(rows, "response/length"), series(rows, "loss/value")
     if not any(s[0] for s in (score, reward, kl, length, vloss)):
         return None
     fig, axes = _figure(ncols=2, nrows=2, width=11, height=7.5)
     ax_s, ax_k, ax_l, ax_v = axes
-    if score[0]:
-        _line(ax_s, score[0], score[1], "score (reward model / reward fn)", color="#2ca02c", smooth=True)
-    if reward[0]:
-        _line(ax_s, reward[0], reward[1], "reward (score - KL penalty)", color="#9467bd", smooth=True)
-    if not score[0] and not reward[0]:
-        _no_data(ax_s, "score")
-    ax_s.set_title("PPO: score and reward per response")
-    ax_s.set_ylabel("score (PPO score units)")
-    if kl[0]:
-        _line(ax_k, kl[0], kl[1], "KL(policy || reference)", color="#d62728", smooth=True)
-    else:
-        _no_data(ax_k, "KL")
-    ax_k.set_title("PPO: KL to the reference (SFT) policy")
-    ax_k.set_ylabel("KL per response (nats)")
-    if length[0]:
-        _line(ax_l, length[0], length[1], "mean response length", color="#8c564b", smooth=True)
-    else:
-        _no_data(ax_l, "response length")
-    ax_l.set_title("PPO: response length")
-    ax_l.set_ylabel("length (tokens)")
-    if vloss[0]:
-        _line(ax_v, vloss[0], vloss[1], "value loss", color="#17becf", smooth=True)
-    else:
-        _no_data(ax_v, "value loss")
-    ax_v.set_title("PPO: value-function loss")
-    ax_v.set_ylabel("loss (squared error, score units²)")
-    _integer_steps(*axes)
-    for ax in axes:
-        ax.set_xlabel("PPO step (one batch of rollouts)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    return _save(fig, path)
+    _panel(ax_s, [(score, "score (reward model / reward fn)", "#2ca02c", True),
+                  (reward, "reward (score - KL penalty)", "#9467bd", True)],
+           "PPO: score and reward per response", "score (PPO score units)", "score")
+    _panel(ax_k, [(kl, "KL(policy || reference)", "#d62728", True)],
+           "PPO: KL to the reference (SFT) policy", "KL per response (nats)", "KL")
+    _panel(ax_l, [(length, "mean response length", "#8c564b", True)],
+           "PPO: response length", "length (tokens)", "response length")
+    _panel(ax_v, [(vloss, "value loss", "#17becf", True)],
+           "PPO: value-function loss", "loss (squared error, score units²)", "value loss")
+    return _finish(fig, axes, "PPO step (one batch of rollouts)", path, legend_size=8)
 
 
 def plot_scores(responses: list[dict], path: Path) -> Path | None:
@@ -301,7 +268,7 @@ def _ci(ci) -> str:
 
 
 def markdown(run, manifest: dict, report: dict | None, responses: list[dict], plots: dict[str, Path]) -> str:
-    from rlchat.rundir import summary_rows
+    from rlchat.status import summary_rows
 
     out = [f"# rlchat report: {run.path}", ""]
     if report:
@@ -373,7 +340,8 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
 def render(run_dir) -> dict:
     """Write the plots and report.md into RUN/eval/; returns {"report_md", "plots": {name: path}, "skipped":
     {name: reason}}. RunDirError if RUN has no manifest."""
-    from rlchat.rundir import RunDir, atomic_write_text
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import atomic_write_text
 
     run = RunDir(run_dir)
     if not run.exists():

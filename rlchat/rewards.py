@@ -1,4 +1,4 @@
-"""Reward sources for PPO: a Python reward function (`--reward-fn`) and reward models read from text.
+"""Reward sources for PPO: a Python reward function (`--reward-fn`) and reward models read from text; eval judges.
 
 A response's score is a weighted sum of the sources the run has (`combine_scores`):
 
@@ -10,14 +10,16 @@ where model_score is the reward model's output, normalised with its held-out sta
 Sources:
 * the run's reward model as a LoRA adapter on the policy's own base: scored inside the shared model
   (rlchat/rollout.py, the "reward" adapter); only its statistics are read here;
-* `TextRewardModel`: any other reward model (a full sequence-classification model, or a SEQ_CLS PEFT adapter on
-  another base or tokenizer, `--reward-model PATH`). Responses are decoded, put back into the reward model's own
-  chat template and re-tokenised with its own tokenizer;
+* `load_text_reward_model`: any other reward model (a full sequence-classification model, or a SEQ_CLS PEFT adapter
+  on another base or tokenizer, `--reward-model PATH`), as a `rlchat.run_models.RewardScorer`. Responses are
+  decoded, put back into the reward model's own chat template and re-tokenised with its own tokenizer;
 * `load_reward_fn("module:function" | "path/to/file.py:function")`: called once per PPO step on the whole batch,
   `f(prompts: list[str], completions: list[str]) -> list[float]` (one number per completion; higher is better).
   prompts are the user's text (the last user turn), completions the decoded responses without special tokens.
   Only the named module is imported (the current directory is on the import path). Failures are one-line
   ConfigErrors: the stage calls the function once on two dummy prompts before it writes anything.
+* eval's `--judge` (`load_judge`, `call_judge`): a function of the same form, loaded by the same rules; its scores
+  must be finite.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rlchat.errors import ConfigError, ModelError, RlchatError
+from rlchat.errors import ConfigError, ModelError, RlchatError, first_line
 
 DUMMY_PROMPTS = ["Tell me about the red apple.", "Hello!"]
 DUMMY_COMPLETIONS = ["The red apple is sweet.", ""]
@@ -91,7 +93,7 @@ def load_reward_fn(spec: str) -> Callable:
         if isinstance(err, KeyboardInterrupt):
             raise
         raise ConfigError(f"importing reward_fn module '{module_part}' failed: {type(err).__name__}: "
-                          f"{_first_line(err)}", "fix the error in that module") from None
+                          f"{first_line(err)}", "fix the error in that module") from None
     fn = getattr(module, fn_name, None)
     if fn is None:
         public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -116,7 +118,7 @@ def call_reward_fn(fn: Callable, spec: str, prompts: list[str], completions: lis
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # noqa: BLE001 - user code
-        raise ConfigError(f"reward_fn '{spec}' raised {type(err).__name__} during {during}: {_first_line(err)}",
+        raise ConfigError(f"reward_fn '{spec}' raised {type(err).__name__} during {during}: {first_line(err)}",
                           "fix the function; it is called as f(prompts: list[str], completions: list[str])"
                           ) from None
     if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
@@ -146,6 +148,39 @@ def check_reward_fn(fn: Callable, spec: str) -> None:
     call_reward_fn(fn, spec, DUMMY_PROMPTS, DUMMY_COMPLETIONS, during="the check on two dummy prompts")
 
 
+# -------------------------------------------------------------------------------------------------- judges
+
+
+def _as_judge_error(err: ConfigError) -> ConfigError:
+    """The reward-function loader words its errors for PPO's --reward-fn; say --judge instead."""
+    def fix(text):
+        return text and text.replace("--reward-fn", "--judge").replace("reward_fn", "judge")
+    return ConfigError(fix(err.problem), fix(err.fix))
+
+
+def load_judge(spec: str) -> Callable:
+    """An eval judge `module:function` or `path/to/file.py:function` as a callable f(prompts, completions) ->
+    scores, imported by `load_reward_fn` (same rules as --reward-fn; errors name --judge)."""
+    try:
+        return load_reward_fn(spec)
+    except ConfigError as err:
+        raise _as_judge_error(err) from None
+
+
+def call_judge(judge: Callable, spec: str, prompts: list[str], completions: list[str],
+               during: str = "evaluation") -> list[float]:
+    """judge(prompts, completions), checked: one finite number per completion; ConfigError otherwise."""
+    try:
+        out = call_reward_fn(judge, spec, prompts, completions, during=during)
+    except ConfigError as err:
+        raise _as_judge_error(err) from None
+    bad = [x for x in out if not math.isfinite(x)]
+    if bad:
+        raise ConfigError(f"judge '{spec}' returned a non-finite score ({bad[0]}) during {during}",
+                          "return a finite float per completion")
+    return out
+
+
 # ----------------------------------------------------------------------------------------- text reward models
 
 
@@ -158,7 +193,7 @@ def read_reward_stats(path: Path) -> dict | None:
         stats = json.loads(path.read_text(encoding="utf-8"))
         mean, std = float(stats["mean"]), float(stats["std"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{path} is not a valid reward_stats.json ({_first_line(err)})",
+        raise ModelError(f"{path} is not a valid reward_stats.json ({first_line(err)})",
                          "rerun the reward stage, or pass --normalize-reward false") from None
     if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
         raise ModelError(f"{path} has mean {mean} and std {std}; std must be a positive number",
@@ -166,102 +201,78 @@ def read_reward_stats(path: Path) -> dict | None:
     return {**stats, "mean": mean, "std": std}
 
 
-class TextRewardModel:
-    """A sequence-classification reward model that reads text (its own tokenizer and chat template).
+def load_text_reward_model(path, tokenizer_path=None, base=None, trust_remote_code: bool = False, dtype=None,
+                           device: str | None = None):
+    """A sequence-classification reward model that reads text (its own tokenizer and chat template), as a
+    `rlchat.run_models.RewardScorer`.
 
     path: a full model directory (config.json + safetensors, an ...ForSequenceClassification with one label), or a
-    SEQ_CLS PEFT adapter directory (adapter_config.json; its base is `base` or adapter_config's
-    base_model_name_or_path). `tokenizer_path` defaults to `path`.
+    SEQ_CLS PEFT adapter directory (adapter_config.json; its base is `base` (a model or a spec) or adapter_config's
+    base_model_name_or_path). `tokenizer_path` defaults to `path`. Inputs longer than the tokenizer's
+    model_max_length are cut at its truncation side (the end, unless the tokenizer says otherwise).
     """
+    from rlchat import models
+    from rlchat.run_models import RewardScorer
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        # right padding: positions start at 0 on the first real token, as in reward training (absolute position
-        # embeddings, GPT-2, would shift with left padding); the classifier reads the last non-pad token
-        self.tokenizer.padding_side = "right"
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    @classmethod
-    def load(cls, path, tokenizer_path=None, base=None, trust_remote_code: bool = False, dtype=None,
-             device: str | None = None) -> "TextRewardModel":
-        import torch
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"reward model directory not found: {path}",
+                         "pass a directory with a sequence-classification model (config.json + "
+                         "model.safetensors) or a SEQ_CLS PEFT adapter")
+    tokenizer = models.load_tokenizer(str(tokenizer_path or path), trust_remote_code=trust_remote_code)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        model = _load_reward_adapter(path, base, tokenizer, trust_remote_code, dtype)
+    else:
         from transformers import AutoModelForSequenceClassification
 
-        from rlchat import models
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json or adapter_config.json",
+                             "pass a reward model directory written by save_pretrained")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+                dtype=models.resolve_dtype(dtype))
+        except Exception as err:  # noqa: BLE001
+            raise ModelError(f"could not load reward model {path}: {first_line(err)}",
+                             "pass a directory with an ...ForSequenceClassification model") from None
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise ModelError(f"reward model {path} has {model.config.num_labels} labels, expected 1 (a score)",
+                         "train the reward model with num_labels=1")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tokenizer.padding_side = "right"  # as in reward training (the scorer pads on the right itself)
+    max_length = getattr(tokenizer, "model_max_length", None)
+    max_length = max_length if max_length and max_length < 1_000_000 else None  # "no limit" is a huge number
+    keep = "last" if getattr(tokenizer, "truncation_side", "right") == "left" else "first"
+    return RewardScorer(model, tokenizer, max_length=max_length, keep=keep)
 
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise ModelError(f"reward model directory not found: {path}",
-                             "pass a directory with a sequence-classification model (config.json + "
-                             "model.safetensors) or a SEQ_CLS PEFT adapter")
-        tokenizer = models.load_tokenizer(str(tokenizer_path or path), trust_remote_code=trust_remote_code)
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-            if adapter_cfg.get("task_type") != "SEQ_CLS":
-                raise ModelError(f"{path} is a {adapter_cfg.get('task_type')} adapter, not a reward model (SEQ_CLS)",
-                                 "pass a reward model adapter saved by `rlchat train-reward`")
-            base_model = base if base is not None else adapter_cfg.get("base_model_name_or_path")
-            if base_model is None:
-                raise ModelError(f"{path}/adapter_config.json names no base model",
-                                 "pass a full reward model directory instead")
-            causal = base_model if not isinstance(base_model, str) else models.load_causal_lm(
-                base_model, trust_remote_code=trust_remote_code, dtype=dtype)
-            seq = models.seq_cls_from_causal(causal, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-            del causal
-            from peft import PeftModel
 
-            try:
-                model = PeftModel.from_pretrained(seq, str(path)).merge_and_unload()
-            except Exception as err:  # noqa: BLE001
-                raise ModelError(f"could not apply reward adapter {path}: {_first_line(err)}",
-                                 "check that it was trained on this base model") from None
-        else:
-            if not (path / "config.json").is_file():
-                raise ModelError(f"{path} has no config.json or adapter_config.json",
-                                 "pass a reward model directory written by save_pretrained")
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-                    dtype=models.resolve_dtype(dtype))
-            except Exception as err:  # noqa: BLE001
-                raise ModelError(f"could not load reward model {path}: {_first_line(err)}",
-                                 "pass a directory with an ...ForSequenceClassification model") from None
-        if getattr(model.config, "num_labels", 1) != 1:
-            raise ModelError(f"reward model {path} has {model.config.num_labels} labels, expected 1 (a score)",
-                             "train the reward model with num_labels=1")
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.requires_grad_(False)
-        model.eval()
-        if device is not None:
-            model.to(device)
-        return cls(model, tokenizer, max_length=getattr(tokenizer, "model_max_length", None))
+def _load_reward_adapter(path: Path, base, tokenizer, trust_remote_code: bool, dtype):
+    """A SEQ_CLS PEFT adapter merged into a sequence classifier built from its base causal LM."""
+    from rlchat import models
 
-    def texts(self, prompt_messages: list[list[dict]], completions: list[str]) -> list[str]:
-        """prompt + completion rendered with this reward model's chat template (as the reward stage trained it)."""
-        out = []
-        for messages, completion in zip(prompt_messages, completions):
-            chat = list(messages) + [{"role": "assistant", "content": completion}]
-            out.append(self.tokenizer.apply_chat_template(chat, tokenize=False))
-        return out
+    adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if adapter_cfg.get("task_type") != "SEQ_CLS":
+        raise ModelError(f"{path} is a {adapter_cfg.get('task_type')} adapter, not a reward model (SEQ_CLS)",
+                         "pass a reward model adapter saved by `rlchat train-reward`")
+    base_model = base if base is not None else adapter_cfg.get("base_model_name_or_path")
+    if base_model is None:
+        raise ModelError(f"{path}/adapter_config.json names no base model",
+                         "pass a full reward model directory instead")
+    causal = base_model if not isinstance(base_model, str) else models.load_causal_lm(
+        base_model, trust_remote_code=trust_remote_code, dtype=dtype)
+    seq = models.seq_cls_from_causal(causal, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    del causal
+    from peft import PeftModel
 
-    def __call__(self, prompt_messages: list[list[dict]], completions: list[str]):
-        """(B,) float tensor of raw scores on the model's device."""
-        import torch
-
-        texts = self.texts(prompt_messages, completions)
-        device = next(self.model.parameters()).device
-        scores = []
-        for i in range(0, len(texts), self.batch_size):
-            max_len = self.max_length if self.max_length and self.max_length < 1_000_000 else None
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=max_len is not None, max_length=max_len, add_special_tokens=False)
-            with torch.no_grad():
-                logits = self.model(input_ids=enc["input_ids"].to(device),
-                                    attention_mask=enc["attention_mask"].to(device)).logits
-            scores.append(logits[:, 0].float())
-        return torch.cat(scores)
+    try:
+        return PeftModel.from_pretrained(seq, str(path)).merge_and_unload()
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"could not apply reward adapter {path}: {first_line(err)}",
+                         "check that it was trained on this base model") from None
 
 
 # -------------------------------------------------------------------------------------------------- combining
@@ -291,8 +302,3 @@ def combine_scores(model_scores, fn_scores, has_eos, model_weight: float, fn_wei
     if missing_eos_penalty is not None:
         total = torch.where(has_eos, total, total - missing_eos_penalty)
     return total, parts
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")

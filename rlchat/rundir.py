@@ -26,25 +26,19 @@ The library never prints; messages a user should see go to `RunDir.messages` and
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import shutil
 import socket
-import tempfile
 import time
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from rlchat import __version__
 from rlchat.errors import RunDirError
+from rlchat.fileio import _dumps, _write_error, atomic_write_json
 
 log = logging.getLogger("rlchat")
 
@@ -52,13 +46,6 @@ STAGES = ("sft", "reward", "ppo", "eval")
 STATUSES = ("running", "done", "failed")
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
-# Metric shown by `rlchat status`, per stage, first key present wins; else the first numeric metric.
-KEY_METRICS = {
-    "sft": ("eval_loss", "eval/loss", "train_loss", "loss"),
-    "reward": ("eval_accuracy", "eval/accuracy", "accuracy", "eval_loss"),
-    "ppo": ("score/mean", "scores/mean", "reward/mean", "mean_score", "mean_reward", "score", "reward"),
-    "eval": ("win_rate", "eval/win_rate", "ppo/win_rate", "win_rate/ppo"),
-}
 
 
 def _now() -> str:
@@ -66,212 +53,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _parse_time(text: str | None) -> datetime | None:
+def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-_OS_REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EDQUOT: "disk quota exceeded",
-}
-
-
-def _write_error(path: Path | str, err: OSError) -> RunDirError:
-    """An OSError during a write, as a one-line RunDirError that says the old file was kept."""
-    reason = _OS_REASONS.get(err.errno) or (err.strerror or str(err)).lower()
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some disk space (or use a run directory on another disk) and rerun; the previous file is unchanged"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "use a run directory you can write to; the previous file is unchanged"
-    elif err.errno == errno.EISDIR:
-        fix = "pass a file path, not a directory"
-    else:
-        fix = "check the disk and rerun; the previous file is unchanged"
-    return RunDirError(f"could not write {path}: {reason}", fix)
-
-
-def _json_default(obj):
-    """Make Paths, numpy/torch scalars and arrays JSON-friendly without importing either library."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    return str(obj)
-
-
-def _dumps(obj, indent: int | None = None) -> str:
-    return json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False)
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a power loss (best effort; not every OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _check_writer(path) -> None:
-    """Only the main process of a multi-process run writes (see rlchat/dist.py); another rank trying is a bug."""
-    from rlchat import dist
-
-    if not dist.is_main():
-        raise RuntimeError(f"internal error: process rank {dist.rank()} tried to write {path}; only the main "
-                           "process writes to the run directory")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old or the new content, never a mix.
-
-    The text goes to a tmp file in the same directory (same filesystem, so os.replace is atomic), is flushed and
-    fsynced, then renamed over `path`. On any failure the tmp file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    _check_writer(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from err
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    """atomic_write_text of `obj` as indented JSON (Paths and tensor/numpy scalars are converted)."""
-    atomic_write_text(path, _dumps(obj, indent=2) + "\n")
-
-
-@contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty tmp directory next to `final`; on success it replaces `final` in one rename.
-
-    An existing `final` is renamed away first, the new directory renamed in, and only then the old one deleted, so
-    at every moment either the old or the new directory is complete. On an exception inside the block the tmp
-    directory is removed and `final` is untouched.
-
-        with atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(tmp)
-    """
-    final = Path(final)
-    _check_writer(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    except OSError as err:
-        raise _write_error(final, err) from err
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    try:
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if old is not None:
-                os.rename(old, final)  # put the previous version back
-                old = None
-            raise
-        _fsync_dir(final.parent)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, err) from err
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one JSON row (e.g. a metrics step) to a .jsonl file and flush it, so `tail -f` and crashes see it."""
-    path = Path(path)
-    _check_writer(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(_dumps(row) + "\n")
-            f.flush()
-    except OSError as err:
-        raise _write_error(path, err) from err
-
-
-def _hash_file(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def content_hash(path: str | Path) -> str:
-    """"sha256:<hex>" of a file's bytes, or of a directory: every file's relative path and bytes, sorted by path.
-
-    A directory hash changes when a file is added, removed, renamed or edited, and does not depend on mtimes.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    try:
-        if path.is_file():
-            _hash_file(path, h)
-        elif path.is_dir():
-            files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-            for p in files:
-                h.update(p.relative_to(path).as_posix().encode("utf-8") + b"\0")
-                sub = hashlib.sha256()
-                _hash_file(p, sub)
-                h.update(sub.digest())
-        else:
-            raise RunDirError(f"cannot hash {path}: no such file or directory", "check the path")
-    except OSError as err:
-        raise RunDirError(f"cannot read {path}: {(err.strerror or str(err)).lower()}",
-                          "check that it exists and that you may read it") from err
-    return "sha256:" + h.hexdigest()
-
-
-def input_record(spec: str, hash: bool = True) -> dict:
-    """How an input (dataset, model) was given, for the manifest.
-
-    A spec that exists on disk is local: {"spec", "kind": "local", "path": <absolute>, "hash": "sha256:..."}
-    (hash=False leaves "hash" None: hashing reads every byte, slow for a multi-GB model directory).
-    Anything else is taken as a Hub id: {"spec", "kind": "hub"}.
-    """
-    spec = str(spec)
-    local = Path(spec).expanduser()
-    if local.exists():
-        return {"spec": spec, "kind": "local", "path": str(local.resolve()),
-                "hash": content_hash(local) if hash else None}
-    return {"spec": spec, "kind": "hub"}
 
 
 def library_versions() -> dict:
@@ -630,7 +418,7 @@ class RunDir:
         if stage in self._t0:
             wall = time.monotonic() - self._t0.pop(stage)
         else:
-            t0, t1 = _parse_time(entry.get("started")), _parse_time(ended)
+            t0, t1 = parse_time(entry.get("started")), parse_time(ended)
             wall = (t1 - t0).total_seconds() if t0 and t1 else None
         entry.update(status=status, ended=ended, wall_s=None if wall is None else round(wall, 2), **fields)
         self._write_manifest(manifest)
@@ -671,65 +459,3 @@ class RunDir:
             raise RunDirError(f"path {path} points outside the run directory {self.path}",
                               "use a path inside the run directory")
         return full
-
-
-# ---- `rlchat status` ------------------------------------------------------------------------------------------
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _fmt_number(v) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:.4g}"
-
-
-def format_seconds(s: float | None) -> str:
-    """12.3s, 3m05s, 1h02m; "-" for None."""
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    if m < 60:
-        return f"{m}m{sec:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
-
-
-def key_metric(stage: str, metrics: dict | None) -> str:
-    """The one metric `rlchat status` shows for a stage, as "name=value"; "-" if there is none."""
-    metrics = metrics or {}
-    for key in KEY_METRICS.get(stage, ()):
-        if _is_number(metrics.get(key)):
-            return f"{key}={_fmt_number(metrics[key])}"
-    for key, v in metrics.items():
-        if _is_number(v):
-            return f"{key}={_fmt_number(v)}"
-    return "-"
-
-
-def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
-    """(stage, status, key metric, wall time) per stage, in pipeline order, for `rlchat status RUN`.
-
-    A running stage shows its time so far ("3m05s so far"); a failed one without metrics shows its error.
-    """
-    stages = manifest.get("stages", {})
-    order = [s for s in STAGES if s in stages] + [s for s in stages if s not in STAGES]
-    rows = []
-    for stage in order:
-        rec = stages[stage] or {}
-        status = str(rec.get("status", "?"))
-        metric = key_metric(stage, rec.get("metrics"))
-        if metric == "-" and status == "failed" and rec.get("error"):
-            err = " ".join(str(rec["error"]).split())
-            metric = "error: " + (err if len(err) <= 60 else err[:57] + "...")
-        wall = format_seconds(rec.get("wall_s"))
-        if status == "running" and rec.get("wall_s") is None:
-            t0 = _parse_time(rec.get("started"))
-            if t0 is not None:
-                wall = format_seconds((datetime.now(timezone.utc) - t0).total_seconds()) + " so far"
-        rows.append((stage, status, metric, wall))
-    return rows

@@ -17,14 +17,14 @@ MODE ppo_update --model DIR --grad-accum G [--lr LR]
     The shared-base ActorCritic on the tiny model (all trainable weights set from a seeded generator, the same on
     every process), a fixed rollout of 8 sequences (fixed prompts and response tokens, ragged lengths, two
     without EOS, no sampling) scored with `score_rollout`; process r holds rows r::world, padded on its own as
-    `_run` pads its share (so prompt and response widths differ from the whole batch's). Fixed scores ->
-    per-token rewards -> GAE -> advantages whitened with reduce; then one `_ppo_update` (ppo_epochs 1,
-    mini_batches 1, grad_accum G) with an accelerate.Accelerator prepared the way `_run` prepares it (but on a
+    the PPO stage pads its share (so prompt and response widths differ from the whole batch's). Fixed scores ->
+    per-token rewards -> GAE -> advantages whitened with reduce; then one `ppo_update` (ppo_epochs 1,
+    mini_batches 1, grad_accum G) with an accelerate.Accelerator prepared the way the stage prepares it (but on a
     process group set up with cpu=True on machines without GPUs: see main()). Saved: the step's stats, the trainable parameters after the step, and the optimizer's
     first moment (exp_avg = (1 - beta1) * the clipped gradient after Adam's first step: the gradient itself,
     which the parameters after one Adam step hide, since that step is about lr * sign(gradient)).
     With more than one process the same update is also run with reduce=None (keys prefixed "noreduce/"): what
-    `_ppo_update` does when the caller forgets `reduce`.
+    `ppo_update` does when the caller forgets `reduce`.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def build_model(model_dir: str):
     process): policy != reference and a non-zero value head, so every parameter gets a gradient."""
     torch = _torch()
     from rlchat import models
-    from rlchat.rollout import build_shared
+    from rlchat.actor_critic import build_shared
 
     torch.manual_seed(0)
     tok = models.load_tokenizer(model_dir)
@@ -123,15 +123,14 @@ def build_model(model_dir: str):
 
 
 def fixed_rollout(model, tok, rows: list[int]):
-    """Rollout of the sequences `rows` (fixed prompts and responses), padded as `_run` pads a process's share."""
+    """Rollout of the sequences `rows` (fixed prompts and responses), padded as the stage pads a process's share."""
     torch = _torch()
     from rlchat.rollout import score_rollout
-    from rlchat.stages.evaluate import encode_prompt, stop_token_ids
-    from rlchat.stages.ppo import _left_pad
+    from rlchat.generation import encode_prompt, left_pad, stop_token_ids
 
     stop_ids = stop_token_ids(model.policy_generator(), tok)
-    prompt_ids, prompt_mask = _left_pad([encode_prompt(tok, [{"role": "user", "content": PROMPTS[i]}])
-                                         for i in rows], tok.pad_token_id, "cpu")
+    prompt_ids, prompt_mask = left_pad([encode_prompt(tok, [{"role": "user", "content": PROMPTS[i]}])
+                                        for i in rows], tok.pad_token_id, "cpu")
     responses = []
     for i in rows:
         n, eos = CUTS[i]
@@ -154,21 +153,20 @@ def ppo_cfg(grad_accum: int, lr: float):
     return PPOConfig(run_dir="unused", ppo_epochs=1, mini_batches=1, grad_accum=grad_accum, batch_size=B, lr=lr)
 
 
-def one_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int, use_reduce: bool,
-               ckpt_dir: Path) -> dict:
-    """Build, roll out, take one `_ppo_update` step; the stats, parameters and first moments after it."""
+def one_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int, use_reduce: bool) -> dict:
+    """Build, roll out, take one `ppo_update` step; the stats, parameters and first moments after it."""
     torch = _torch()
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from rlchat import dist
     from rlchat import ppo_math as pm
-    from rlchat.stages.ppo import _ppo_update
+    from rlchat.ppo_update import ppo_update
 
     cfg = ppo_cfg(grad_accum, lr)
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     assert accelerator.num_processes == world, (accelerator.num_processes, world)
     model, tok = build_model(model_dir)
-    reduce = dist.all_sum if world > 1 else None  # statistics of the global batch (as `_run` passes it)
+    reduce = dist.all_sum if world > 1 else None  # statistics of the global batch (as the stage passes it)
     ro = fixed_rollout(model, tok, rows_of(rank, world))
     rewards, _ = pm.per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, cfg.kl_coef)
     advantages, returns = pm.gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
@@ -179,9 +177,9 @@ def one_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / 10))
     model, optimizer = accelerator.prepare(model, optimizer)
-    torch.manual_seed(5)  # _ppo_update shuffles the rows with the global RNG
-    stats = _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages, returns, 1,
-                        ckpt_dir, reduce if use_reduce else None)
+    torch.manual_seed(5)  # ppo_update shuffles the rows with the global RNG
+    stats = ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages, returns,
+                       reduce if use_reduce else None)
     state = optimizer.optimizer.state if hasattr(optimizer, "optimizer") else optimizer.state
     return {
         "stats": stats,
@@ -195,9 +193,9 @@ def one_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int
 
 
 def run_ppo_update(args, rank: int, world: int) -> dict:
-    out = one_update(args.model, args.grad_accum, args.lr, rank, world, True, Path(args.outdir))
+    out = one_update(args.model, args.grad_accum, args.lr, rank, world, True)
     if world > 1:
-        no = one_update(args.model, args.grad_accum, args.lr, rank, world, False, Path(args.outdir))
+        no = one_update(args.model, args.grad_accum, args.lr, rank, world, False)
         out.update({f"noreduce/{k}": v for k, v in no.items()})
     return out
 
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if dist.is_distributed():
         # Join the group as a CPU-or-GPU data-parallel run. A plain PartialState() / Accelerator() (what
-        # rlchat.dist.init() and ppo's _run call) on a machine without GPUs gives DistributedType.NO even under
+        # rlchat.dist.init() and the PPO stage call) on a machine without GPUs gives DistributedType.NO even under
         # `accelerate launch --multi_gpu` (accelerate picks MULTI_CPU only with cpu=True), so the model would not
         # be wrapped in DDP; this harness sets the state up correctly and the Accelerator below inherits it.
         from accelerate import PartialState

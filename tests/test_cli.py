@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -22,11 +23,31 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_every_command_is_registered():
+    import typer
+
+    # exactly these: a new command must join COMMANDS, so the --help checks below cover it
+    assert sorted(typer.main.get_command(app).commands) == sorted(COMMANDS)
+
+
 def test_root_help_lists_subcommands():
     res = invoke("--help")
     assert res.exit_code == 0
-    for cmd in COMMANDS:
-        assert cmd in res.output
+    # the names in the first column of the Commands panel (a substring check would find "chat", "report" and
+    # "score" in other commands' descriptions)
+    panel = res.output[res.output.index("─ Commands ─"):]
+    listed = re.findall(r"^│ (\S+) ", panel, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(COMMANDS), listed
+
+
+@pytest.mark.parametrize("cmd", ["sft", "train-reward", "ppo"])
+def test_training_commands_take_lr_as_a_flag(cmd):
+    import typer
+
+    params = typer.main.get_command(app).commands[cmd].params
+    assert any("--lr" in p.opts for p in params), [p.opts for p in params]
+    res = invoke(cmd, "--help")
+    assert re.search(r"^│ --lr\s", res.output, flags=re.MULTILINE), res.output
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -91,7 +112,7 @@ def bad_inputs(tmp_path: Path, tiny_model: Path, sft_rows) -> dict[str, tuple[li
         "model path missing": (["--model", tmp_path / "no-model", "--dataset", good], "not found"),
         "not a causal lm": (["--model", bert, "--dataset", good], "causal"),
         "unknown config key": (m + ["--dataset", good, "--config", recipe], "learning_rat"),
-        "zero lr": (m + ["--dataset", good, "--lr", "0"], "lr"),
+        "zero lr": (m + ["--dataset", good, "--lr", "0"], "lr must be > 0, got 0"),
         "negative batch size": (m + ["--dataset", good, "--batch-size", "-1"], "batch_size"),
         "zero epochs": (m + ["--dataset", good, "--epochs", "0"], "epochs"),
         "unknown split": (m + ["--dataset", good, "--split", "validation"], "split"),
@@ -124,7 +145,11 @@ def test_unknown_key_reports_all_problems_at_once(tmp_path, tiny_model, run_dir)
     assert res.exit_code == 2
     for word in ("learning_rat", "epochz", "batch_size"):
         assert word in res.output
-    assert "lr" in res.output  # the suggestion / list of valid keys
+    # the list of valid keys, as keys: `lr` one of them, the unknown ones not
+    valid = re.search(r"valid keys there: ([a-z_, ]+);", res.output)
+    assert valid, res.output
+    keys = valid.group(1).split(", ")
+    assert "lr" in keys and "epochs" in keys and "learning_rat" not in keys and "epochz" not in keys, keys
 
 
 def test_status_of_missing_run_is_a_clean_error(tmp_path):

@@ -195,6 +195,17 @@ def test_ppo_batch_divisibility():
     assert cfg.validate() == []
 
 
+@pytest.mark.parametrize("layout", ["separate_models", "full"])
+def test_shared_critic_needs_the_shared_base(layout):
+    """value_model 'policy' puts the value head on the policy adapter: a rule of the config, checked by resolve."""
+    with pytest.raises(ConfigError) as err:
+        resolve(PPOConfig, "ppo", None, {"run_dir": "r", "value_model": "policy", layout: True})
+    (msg,) = problems_of(err)
+    assert "value_model 'policy' (a shared critic) needs the shared base" in msg
+    assert resolve(PPOConfig, "ppo", None, {"run_dir": "r", "value_model": "adapter", layout: True}).validate() == []
+    assert resolve(PPOConfig, "ppo", None, {"run_dir": "r", "value_model": "policy"}).validate() == []
+
+
 def test_type_coercion(tmp_path):
     recipe = write_recipe(tmp_path, """
         run_dir: r

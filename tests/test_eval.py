@@ -38,7 +38,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_wilson_interval_matches_known_values():
-    from rlchat.stages.evaluate import wilson_interval
+    from rlchat.stats import wilson_interval
 
     lo, hi = wilson_interval(0.8, 10)          # 8 of 10: the textbook Wilson interval is [0.490, 0.943]
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
@@ -49,7 +49,7 @@ def test_wilson_interval_matches_known_values():
 
 
 def test_win_rate_counts_ties_as_half():
-    from rlchat.stages.evaluate import win_rate
+    from rlchat.stats import win_rate
 
     w = win_rate([1.0, 0.5, 0.2, 0.7], [0.0, 0.5, 0.9, 0.1])   # win, tie, loss, win -> (2 + 0.5) / 4
     assert w["win_rate"] == 0.625 and (w["wins"], w["ties"], w["losses"], w["n"]) == (2, 1, 1, 4)
@@ -57,12 +57,48 @@ def test_win_rate_counts_ties_as_half():
 
 
 def test_distinct_n_by_hand():
-    from rlchat.stages.evaluate import distinct_n
+    from rlchat.stats import distinct_n
 
     texts = ["the cat sat", "the cat ran"]   # unigrams: 6 total, {the, cat, sat, ran} = 4; bigrams: 4 total, 3 unique
     assert distinct_n(texts, 1) == pytest.approx(4 / 6)
     assert distinct_n(texts, 2) == pytest.approx(3 / 4)
     assert distinct_n(["", "one"], 2) == 0.0
+
+
+# Words are whitespace-separated tokens, case and punctuation kept; n-grams never span two texts.
+DISTINCT_TEXTS = ["The cat sat.", "the  cat\nsat", "cat", "the cat sat"]
+
+
+def test_distinct_n_counts_whitespace_words_within_each_text():
+    from rlchat.stats import distinct_n
+
+    # unigrams: The cat sat. | the cat sat | cat | the cat sat -> 10 in all; unique: The, cat, sat., the, sat = 5
+    # (lower-casing or stripping punctuation would give 4; splitting on " " only would see "cat\nsat" as one word)
+    assert distinct_n(DISTINCT_TEXTS, 1) == pytest.approx(5 / 10, abs=1e-12)
+    # bigrams: (The cat) (cat sat.) | (the cat) (cat sat) | - | (the cat) (cat sat) -> 6, 4 unique
+    # (bigrams across texts, e.g. (sat. the), would add 3 more; a mean of per-text ratios would give 1)
+    assert distinct_n(DISTINCT_TEXTS, 2) == pytest.approx(4 / 6, abs=1e-12)
+    # trigrams: (The cat sat.) | (the cat sat) | - | (the cat sat) -> 3, 2 unique; no text has 4 words
+    assert distinct_n(DISTINCT_TEXTS, 3) == pytest.approx(2 / 3, abs=1e-12)
+    assert distinct_n(DISTINCT_TEXTS, 4) == 0.0
+
+
+def test_policy_metrics_by_hand():
+    from rlchat.stages.evaluate import PolicyResult, policy_metrics
+
+    r = PolicyResult(responses=list(DISTINCT_TEXTS), response_ids=[[5, 6, 2], [5, 6], [7], [5, 6, 7, 2]],
+                     eos=[True, False, False, True], kl=[0.5, 0.0, 1.0, 2.5], reward=[1.0, 2.0, 3.0, 4.0],
+                     judge=[None] * 4)
+    m = policy_metrics(r)
+    assert m["n"] == 4
+    assert m["distinct_1"] == pytest.approx(5 / 10, abs=1e-12)  # the texts above
+    assert m["distinct_2"] == pytest.approx(4 / 6, abs=1e-12)
+    assert m["mean_length"] == pytest.approx((3 + 2 + 1 + 4) / 4)  # tokens, the stop token included
+    assert m["eos_rate"] == pytest.approx(2 / 4)
+    assert m["kl_to_ref"] == pytest.approx(4.0 / 4)
+    # rewards 1..4: mean 2.5, sample std sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3) = sqrt(5 / 3)
+    assert m["mean_reward"] == pytest.approx(2.5) and m["std_reward"] == pytest.approx(math.sqrt(5 / 3))
+    assert m["mean_judge"] is None and m["std_judge"] is None  # no judge
 
 
 def test_batched_logprobs_and_generation_match_unpadded_with_absolute_positions():
@@ -73,7 +109,7 @@ def test_batched_logprobs_and_generation_match_unpadded_with_absolute_positions(
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig
 
-    from rlchat.stages.evaluate import generate, sequence_logprobs
+    from rlchat.generation import generate, sequence_logprobs
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
@@ -95,7 +131,7 @@ def test_batched_logprobs_and_generation_match_unpadded_with_absolute_positions(
 
 def test_judge_loader_errors_are_one_line_config_errors(tmp_path):
     from rlchat.errors import ConfigError
-    from rlchat.stages.evaluate import call_judge, load_judge
+    from rlchat.rewards import call_judge, load_judge
 
     with pytest.raises(ConfigError, match="judge module 'no_such_module_xyz'"):
         load_judge("no_such_module_xyz:judge")
@@ -119,7 +155,7 @@ def test_judge_loader_errors_are_one_line_config_errors(tmp_path):
 
 
 def _fake_stage(run, stage, rows, parent=None, outputs=None):
-    from rlchat.rundir import append_jsonl
+    from rlchat.fileio import append_jsonl
 
     d = run.begin_stage(stage, config={}, inputs={}, parent=parent, overwrite=True)
     for row in rows:
@@ -161,11 +197,12 @@ def make_fake_ppo(run_path: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlchat import models
-    from rlchat.rundir import RunDir, append_jsonl, atomic_dir
+    from rlchat import run_models
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import append_jsonl, atomic_dir
 
     run = RunDir(run_path)
-    model, _ = models.load_sft_policy(run.path)
+    model, _ = run_models.load_sft_policy(run.path)
     torch.manual_seed(1)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   lora_dropout=0.0))
@@ -184,7 +221,7 @@ def make_fake_ppo(run_path: Path) -> None:
             "objective/kl": 2 * (1 - math.exp(-s / 20)) + rng.gauss(0, 0.1),
             "response/length": 20 - 5 * (1 - math.exp(-s / 20)) + rng.gauss(0, 1),
             "loss/value": 0.5 * math.exp(-s / 10) + abs(rng.gauss(0, 0.02))})
-    from rlchat.stages.reward import resolve_base
+    from rlchat.run_models import resolve_base
 
     run.finish_stage("ppo", metrics={"objective/scores": 0.8},   # the outputs the real PPO stage records
                      outputs={"kind": "lora", "policy": "ppo/policy", "metrics": "ppo/metrics.jsonl",
@@ -220,6 +257,12 @@ def evaluated(trained_run):
             "rows": read_jsonl(run / "eval" / "responses.jsonl")}
 
 
+def own_distinct(texts: list[str], n: int) -> float:
+    """Distinct-n recomputed here: unique / all whitespace-word n-grams, within each text."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 @pytest.mark.slow
 def test_report_json_schema_and_values_from_responses(evaluated):
     rep, rows = evaluated["report"], evaluated["rows"]
@@ -242,7 +285,9 @@ def test_report_json_schema_and_values_from_responses(evaluated):
         assert m["eos_rate"] == pytest.approx(sum(p["eos"] for p in per) / N_PROMPTS)
         assert all(1 <= p["length"] <= MAX_NEW for p in per)
         assert all(p["length"] == MAX_NEW for p in per if not p["eos"])  # no EOS -> it ran to the limit
-        assert 0 <= m["distinct_1"] <= 1 and 0 <= m["distinct_2"] <= 1
+        texts = [p["response"] for p in per]
+        assert m["distinct_1"] == pytest.approx(own_distinct(texts, 1), abs=1e-12), name
+        assert m["distinct_2"] == pytest.approx(own_distinct(texts, 2), abs=1e-12), name
     assert rep["policies"]["sft"]["kl_to_ref"] == 0.0
     assert rep["policies"]["ppo"]["kl_to_ref"] != 0.0  # the adapter's B weights are non-zero
     pairs = [(c["a"], c["b"]) for c in rep["comparisons"]]
@@ -294,12 +339,12 @@ def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
     the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `kl`."""
     import torch
 
-    from rlchat import models
+    from rlchat import run_models
     from rlchat.export import load_policy
 
     run, rows = evaluated["run"], evaluated["rows"]
     ppo, tok = load_policy(run, "ppo", merge=True)
-    sft, _ = models.load_sft_policy(run)
+    sft, _ = run_models.load_sft_policy(run)
     eos = tok.eos_token_id
     for row in rows[:3]:
         text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
@@ -433,7 +478,7 @@ def test_export_reloads_with_plain_transformers_and_matches_adapter_version(eval
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlchat import export, models
+    from rlchat import export, run_models
 
     run = evaluated["run"]
     out = export.export(run, "ppo", tmp_path / "exported")
@@ -444,7 +489,7 @@ def test_export_reloads_with_plain_transformers_and_matches_adapter_version(eval
     assert tok.chat_template and json.loads((out / "rlchat_export.json").read_text())["stage"] == "ppo"
 
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    sft, _ = models.load_sft_policy(run)
+    sft, _ = run_models.load_sft_policy(run)
     adapter = PeftModel.from_pretrained(sft, run / "ppo" / "policy").eval()
     for row in evaluated["rows"][:2]:
         ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_tensors="pt",

@@ -88,7 +88,10 @@ def test_relaunch_arguments_parse_back_to_the_same_settings(monkeypatch, tmp_pat
     argv = cli.stage_argv("sft", rec, overrides, json_out)
     assert runner.invoke(cli.app, argv).exit_code == 0
     assert seen[-1] == seen[-2]
-    assert overrides["lora_target_modules"] == ["q_proj", "v_proj"] and overrides["packing"] is False
+    assert overrides["lora_target_modules"] == "q_proj,v_proj" and overrides["packing"] is False
+    from rlchat.config import SFTConfig, resolve  # the config splits the list (one place for both CLI and recipe)
+
+    assert resolve(SFTConfig, "sft", rec, overrides).lora_target_modules == ["q_proj", "v_proj"]
 
 
 def test_num_processes_errors_are_one_line_exit_2(tmp_path):

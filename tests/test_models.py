@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rlchat import models  # noqa: E402
+from rlchat import run_models  # noqa: E402
 from rlchat.errors import ConfigError, ModelError, RunDirError  # noqa: E402
 
 CORPUS = ["hello world", "the cat sat on the mat", "what is two plus two", "four", "user assistant system"] * 4
@@ -286,7 +287,7 @@ def test_load_sft_policy(dirs, tmp_path, kind):
     import torch
 
     run, reference = fake_run(tmp_path, dirs, kind, str(dirs["llama"]))
-    model, tok = models.load_sft_policy(str(run))
+    model, tok = run_models.load_sft_policy(str(run))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert not hasattr(model, "peft_config") and not model.training
     torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
@@ -301,26 +302,26 @@ def test_load_sft_policy_relative_base_beside_run(dirs, tmp_path, monkeypatch):
     shutil.copytree(dirs["llama"], tmp_path / "tiny-llama")
     run, reference = fake_run(tmp_path, dirs, "lora", "./tiny-llama")
     monkeypatch.chdir(dirs["llama"].parent)  # ./tiny-llama does not exist from here: found beside RUN
-    model, _ = models.load_sft_policy(run)
+    model, _ = run_models.load_sft_policy(run)
     ids = torch.tensor([[7, 8, 9]])
     torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_load_sft_policy_errors(dirs, tmp_path):
     with pytest.raises(RunDirError, match="stage 'sft' has not run"):
-        models.load_sft_policy(tmp_path / "empty-run")
+        run_models.load_sft_policy(tmp_path / "empty-run")
     run, _ = fake_run(tmp_path, dirs, "lora", str(dirs["llama"]))
     manifest = json.loads((run / "run.json").read_text())
     manifest["stages"]["sft"]["status"] = "failed"
     (run / "run.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirError, match="is failed, not done"):
-        models.load_sft_policy(run)
+        run_models.load_sft_policy(run)
     manifest["stages"]["sft"]["status"] = "done"
     (run / "run.json").write_text(json.dumps(manifest))
     manifest["stages"]["sft"]["outputs"]["base_model"] = "./moved-away"
     (run / "run.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="cannot load the base model of the SFT adapter .*not found: ./moved-away"):
-        models.load_sft_policy(run)
+        run_models.load_sft_policy(run)
     shutil.rmtree(run / "sft" / "adapter")
     with pytest.raises(RunDirError, match="SFT adapter not found"):
-        models.load_sft_policy(run)
+        run_models.load_sft_policy(run)

@@ -5,7 +5,7 @@ Fast (each a real 2-process `accelerate launch` of tests/dist_worker.py, a few s
   - batch statistics with reduce=rlchat.dist.all_sum (masked_whiten, masked_var, explained_variance): the halves put
     back together equal one process's result on the whole tensor; whitening each half with its own statistics
     (a forgotten `reduce`) does not, by far more than the tolerance;
-  - the first PPO update (`_ppo_update`, grad_accum 1 and 2): the gradient (Adam's first moment), the parameters
+  - the first PPO update (`ppo_update`, grad_accum 1 and 2): the gradient (Adam's first moment), the parameters
     after the step and the losses equal one process's; both processes hold identical parameters; the same update
     with reduce=None lands measurably elsewhere.
 Slow (`python -m rlchat <stage> ... --num-processes 2` end to end on the tiny model):
@@ -128,7 +128,7 @@ def test_first_ppo_update_of_two_processes_equals_one(grad_accum, tmp_path, tiny
     from tests import dist_worker as W
 
     lr = 1e-3
-    ref = W.one_update(str(tiny_model), grad_accum, lr, 0, 1, True, tmp_path)  # one process, all 8 rollouts
+    ref = W.one_update(str(tiny_model), grad_accum, lr, 0, 1, True)  # one process, all 8 rollouts
     r0, r1 = launch_worker(2, "ppo_update", tmp_path / "out", "--model", tiny_model, "--grad-accum", grad_accum,
                            "--lr", lr)
     assert r0["distributed_type"] in ("MULTI_CPU", "MULTI_GPU"), r0["distributed_type"]
@@ -157,7 +157,7 @@ def test_first_ppo_update_of_two_processes_equals_one(grad_accum, tmp_path, tiny
         both = (r0["stats"][key] + r1["stats"][key]) / 2
         loss_diffs[key] = abs(both - ref["stats"][key])
         assert loss_diffs[key] <= 1e-5, (key, both, ref["stats"][key])
-    # the check can fail: _ppo_update without reduce divides each process's loss by its own token count
+    # the check can fail: ppo_update without reduce divides each process's loss by its own token count
     no_param = max_abs_diff(r0["noreduce/params"], ref["params"])
     no_grad = max_abs_diff(r0["noreduce/exp_avg"], ref["exp_avg"])
     print(f"\nPPO update, grad_accum {grad_accum}, 2 processes vs 1: exp_avg max abs diff {grad_diff:.3g} "

@@ -433,6 +433,79 @@ def test_value_loss_masked_positions_do_not_leak():
     assert torch.all(gb[~mask] == 0)
 
 
+# `denominator`: the token count of a whole minibatch when the caller splits it into micro-batches or processes.
+# The numbers below are chosen so that a denominator ignored (the masked mean over this call's tokens), doubled or
+# halved gives another value.
+
+
+def test_policy_loss_denominator_by_hand():
+    new, old, adv, _ = _policy_case()
+    mask = t([[1, 1, 1, 0]]).bool()  # 3 real tokens; the denominator says the minibatch holds 10
+    loss, clipfrac, approx_kl = pm.policy_loss(new, old, adv, mask, cliprange=0.2, denominator=10.0)
+    # per-token terms on the real tokens (see test_policy_loss_by_hand): -1.2, -0.5, 1.1; sum -0.6
+    # loss = -0.6 / 10 = -0.06   (the masked mean would be -0.6 / 3 = -0.2; twice the denominator -0.03)
+    close(loss, -0.06)
+    # clipfrac and approx_kl stay means over this call's 3 real tokens: only t0 is clipped -> 1/3;
+    # approx_kl = 0.5 * (0.16440195 + 0.48045301 + 0.00908403) / 3 = 0.10898983
+    close(clipfrac, 1 / 3)
+    close(approx_kl, 0.10898983)
+    loss.backward()
+    # d loss / d new_t = -A_t r_t / 10 where unclipped: t1 -0.5/10 = -0.05; t2 1.1/10 = 0.11; t0 clipped, t3 masked
+    close(new.grad, [[0.0, -0.05, 0.11, 0.0]])
+
+
+def test_value_loss_denominator_by_hand():
+    new, old, ret, mask = _value_case()
+    # a float32 tensor denominator (what the PPO stage passes) on float64 values: converted, not broadcast oddly
+    loss, clipfrac = pm.value_loss(new, old, ret, mask, cliprange_value=0.2,
+                                   denominator=torch.tensor(5.0, dtype=torch.float32))
+    # per-token max errors (see test_value_loss_by_hand): 0.64, 0.01, 0.64, 0.0025; sum 1.2925
+    # loss = 0.5 * 1.2925 / 5 = 0.12925   (masked mean over 4: 0.1615625; twice the denominator: 0.064625)
+    close(loss, 0.12925)
+    close(clipfrac, 0.25)
+    loss.backward()
+    # d/dv = (v - ret) / 5 where the unclipped term counts: t1 -0.1/5 = -0.02; t2 0.8/5 = 0.16; t3 -0.05/5 = -0.01
+    close(new.grad, [[0.0, -0.02, 0.16, -0.01]])
+
+
+def test_micro_batches_with_the_minibatch_denominator_add_up_to_the_minibatch_loss():
+    """Two ragged micro-batches (3 and 1 real tokens), each divided by the minibatch's 4 tokens: their losses and
+    gradients add up to the minibatch's masked mean. Each divided by its own count (the denominator ignored) they
+    would weigh the lone token of row 1 as much as the three of row 0."""
+    g = torch.Generator().manual_seed(11)
+    old = torch.randn(2, 4, generator=g, dtype=F64)
+    new_all = old + 0.3 * torch.randn(2, 4, generator=g, dtype=F64)
+    adv = torch.randn(2, 4, generator=g, dtype=F64)
+    values_old = torch.randn(2, 4, generator=g, dtype=F64)
+    values_all = values_old + 0.3 * torch.randn(2, 4, generator=g, dtype=F64)
+    returns = torch.randn(2, 4, generator=g, dtype=F64)
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]]).bool()
+    n_tokens = mask.sum()  # 4
+
+    def both(new, values, rows, denominator):
+        pl, _, _ = pm.policy_loss(new, old[rows], adv[rows], mask[rows], 0.2, denominator)
+        vl, _ = pm.value_loss(values, values_old[rows], returns[rows], mask[rows], 0.2, denominator)
+        return pl, vl
+
+    new = new_all.clone().requires_grad_()
+    values = values_all.clone().requires_grad_()
+    whole = both(new, values, slice(None), None)  # one call: the masked mean over all 4 tokens
+    (whole[0] + whole[1]).backward()
+
+    parts, grad_new, grad_values = [0.0, 0.0], torch.zeros_like(new_all), torch.zeros_like(values_all)
+    for row in (0, 1):
+        new_r = new_all[row:row + 1].clone().requires_grad_()
+        values_r = values_all[row:row + 1].clone().requires_grad_()
+        pl, vl = both(new_r, values_r, slice(row, row + 1), n_tokens)
+        (pl + vl).backward()
+        parts = [parts[0] + pl.detach(), parts[1] + vl.detach()]
+        grad_new[row], grad_values[row] = new_r.grad[0], values_r.grad[0]
+    close(parts[0], whole[0].detach(), atol=1e-12)
+    close(parts[1], whole[1].detach(), atol=1e-12)
+    close(grad_new, new.grad, atol=1e-12)
+    close(grad_values, values.grad, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # from logits
 # ---------------------------------------------------------------------------------------------------------------

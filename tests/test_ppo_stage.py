@@ -47,7 +47,8 @@ def make_reward_stage(run_dir: Path, model_dir: Path, seed: int = 1, stats: dict
     from peft import get_peft_model
 
     from rlchat import models
-    from rlchat.rundir import RunDir, atomic_write_json, content_hash
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import atomic_write_json, content_hash
 
     causal = models.load_causal_lm(str(model_dir))
     tok = models.load_tokenizer(str(model_dir))
@@ -105,7 +106,7 @@ def ppo_cfg(run: Path, model: Path, prompts: Path, **kw):
 def tiny_models(tiny_model, reward_adapter=None, separate=False):
     """(ActorCritic, tokenizer) on the tiny model, the reward adapter loaded when given."""
     from rlchat import models
-    from rlchat.rollout import build_separate, build_shared, reward_lora_parts
+    from rlchat.actor_critic import build_separate, build_shared, reward_lora_parts
 
     tok = models.load_tokenizer(str(tiny_model))
     lm = models.load_causal_lm(str(tiny_model))
@@ -118,11 +119,10 @@ def tiny_models(tiny_model, reward_adapter=None, separate=False):
 
 
 def prompt_batch(tok, texts):
-    from rlchat.stages.evaluate import encode_prompt
-    from rlchat.stages.ppo import _left_pad
+    from rlchat.generation import encode_prompt, left_pad
 
     ids = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
-    return _left_pad(ids, tok.pad_token_id, "cpu")
+    return left_pad(ids, tok.pad_token_id, "cpu")
 
 
 PROMPTS = ["Tell me about the red fox.", "Hi", "Describe the blue cup, please, in a few words."]
@@ -134,7 +134,9 @@ PROMPTS = ["Tell me about the red fox.", "Hi", "Describe the blue cup, please, i
 def test_policy_starts_equal_to_reference_and_ratio_is_one(tiny_model, reward_run):
     import torch
 
-    from rlchat.rollout import POLICY, VALUE, generation_config, score_rollout
+    from rlchat.generation import generation_config
+    from rlchat.actor_critic import POLICY, VALUE
+    from rlchat.rollout import score_rollout
 
     model, tok = tiny_models(tiny_model, reward_run / "reward" / "adapter")
     prompt_ids, prompt_mask = prompt_batch(tok, PROMPTS)
@@ -155,7 +157,8 @@ def test_policy_starts_equal_to_reference_and_ratio_is_one(tiny_model, reward_ru
 def test_each_training_pass_trains_its_own_adapter_and_generation_uses_the_policy(tiny_model, reward_run):
     import torch
 
-    from rlchat.rollout import POLICY, VALUE, generation_config, score_rollout
+    from rlchat.actor_critic import POLICY, VALUE
+    from rlchat.rollout import score_rollout
 
     model, tok = tiny_models(tiny_model, reward_run / "reward" / "adapter")
     prompt_ids, prompt_mask = prompt_batch(tok, PROMPTS)
@@ -249,7 +252,7 @@ def test_separate_models_give_the_same_rollout_numbers(tiny_model, reward_run):
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_model, reward_run):
     import torch
 
-    from rlchat.rollout import POLICY, VALUE
+    from rlchat.actor_critic import POLICY, VALUE
 
     model, tok = tiny_models(tiny_model, reward_run / "reward" / "adapter")
     prompt_ids, prompt_mask = prompt_batch(tok, PROMPTS)
@@ -282,16 +285,16 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_mod
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
-def test_truncate_at_eos():
+def test_cut_at_stop():
     import torch
 
-    from rlchat.rollout import truncate_at_eos
+    from rlchat.generation import cut_at_stop
 
     ids = torch.tensor([[5, 6, 1, 7, 1],     # EOS (1) at 2: keep 5 6 1, pad the rest
                         [5, 6, 7, 8, 9],     # no EOS: keep everything
                         [1, 6, 7, 8, 9],     # EOS first: a one-token response
                         [5, 2, 7, 8, 9]])    # another stop id (2)
-    out, mask, has_eos = truncate_at_eos(ids, [1, 2], pad_id=0)
+    out, mask, has_eos = cut_at_stop(ids, [1, 2], pad_id=0)
     assert mask.tolist() == [[True, True, True, False, False], [True] * 5,
                              [True, False, False, False, False], [True, True, False, False, False]]
     assert out.tolist() == [[5, 6, 1, 0, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0], [5, 2, 0, 0, 0]]
@@ -316,7 +319,7 @@ def test_combine_scores_weights_normalisation_and_eos_penalty():
 
 
 def test_prompt_sampler_covers_each_pass_and_resumes():
-    from rlchat.stages.ppo import PromptSampler
+    from rlchat.ppo_step import PromptSampler
 
     s = PromptSampler(10, seed=3)
     first = s.next(4) + s.next(4) + s.next(4)  # crosses into the second pass
@@ -354,7 +357,7 @@ def test_ppo_stage_writes_outputs_and_metrics(finished_run, tiny_model):
     entry = json.loads((run / "run.json").read_text())["stages"]["ppo"]
     assert entry["status"] == "done" and entry["parent"] == "reward"
     assert metrics["steps"] == 3 and metrics["episodes"] == 24
-    for key in ("score", "score_start", "score_end", "kl", "wall_s"):
+    for key in ("score", "score_start", "kl", "wall_s"):
         assert isinstance(entry["metrics"][key], float), key
     assert "->" in metrics["summary"] and str(run / "ppo" / "policy") in metrics["summary"]
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -370,6 +373,13 @@ def test_ppo_stage_writes_outputs_and_metrics(finished_run, tiny_model):
         assert key in ppo_stage.__doc__, f"{key} is not documented in the module docstring"
     assert all(isinstance(v, (int, float)) for r in rows for v in r.values())
     assert rows[0]["objective/kl"] == 0.0  # the policy equals the reference on the first rollout
+    # the reward is the score minus the KL penalty: per step, mean summed reward = mean score - kl_coef * mean KL
+    # (k1 estimator, fixed coefficient, rewards not whitened). Measured: the penalty is 1e-4 to 2e-4 on steps 2-3,
+    # float32 rounding leaves ~2e-7; a dropped or sign-flipped penalty is off by the penalty (or twice it)
+    assert max(abs(r["kl_coef"] * r["objective/kl"]) for r in rows) > 2e-5, rows
+    for r in rows:
+        assert r["objective/rewards"] == pytest.approx(r["objective/scores"] - r["kl_coef"] * r["objective/kl"],
+                                                       rel=0, abs=2e-6), r
     samples = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2, 3} and all("completion" in s for s in samples)
     # checkpoints: every step but the last, the newest two kept
@@ -390,7 +400,7 @@ def test_reward_model_on_text_and_separate_models(tmp_path, tiny_model, demo_dat
     import torch
 
     from rlchat import models
-    from rlchat.rewards import TextRewardModel
+    from rlchat.rewards import load_text_reward_model
     from rlchat.stages import ppo
 
     tok = models.load_tokenizer(str(tiny_model))
@@ -402,11 +412,12 @@ def test_reward_model_on_text_and_separate_models(tmp_path, tiny_model, demo_dat
     seq.save_pretrained(str(rm_dir))
     tok.save_pretrained(str(rm_dir))
     # the text path scores prompt + completion through the reward model's chat template, padding on the right
-    rm = TextRewardModel.load(rm_dir)
+    rm = load_text_reward_model(rm_dir)
     messages = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Describe the red fox."}]]
     completions = ["Hello there.", "The red fox lives in the forest. Hope this helps!"]
     got = rm(messages, completions)
-    for i, text in enumerate(rm.texts(messages, completions)):
+    for i, (msgs, completion) in enumerate(zip(messages, completions)):
+        text = tok.apply_chat_template(msgs + [{"role": "assistant", "content": completion}], tokenize=False)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             assert torch.allclose(got[i], seq.eval()(input_ids=ids).logits[0, 0], atol=1e-5)
@@ -427,7 +438,8 @@ def test_shared_critic_trains_the_value_head_on_the_policy(tmp_path, tiny_model,
     import torch
     from safetensors.torch import load_file
 
-    from rlchat.rollout import POLICY_AND_VALUE, build_shared, score_rollout
+    from rlchat.actor_critic import POLICY_AND_VALUE, build_shared
+    from rlchat.rollout import score_rollout
     from rlchat.stages import ppo
 
     from rlchat import models
@@ -448,9 +460,7 @@ def test_shared_critic_trains_the_value_head_on_the_policy(tmp_path, tiny_model,
                if ".policy." in n and "lora_B" in n)  # (A gets none while B is still 0)
 
     run = fresh_run(reward_run, tmp_path)
-    cfg = ppo_cfg(run, tiny_model, demo_data["prompts"], episodes=16)
-    cfg.value_model = "policy"  # not yet a PPOConfig field
-    metrics = ppo.run(cfg)
+    metrics = ppo.run(ppo_cfg(run, tiny_model, demo_data["prompts"], episodes=16, value_model="policy"))
     assert metrics["value_model"] == "policy" and metrics["steps"] == 2
     assert json.loads((run / "ppo" / "value" / "value_model.json").read_text()) == {"value_model": "policy"}
     assert load_file(str(run / "ppo" / "value" / "value_head.safetensors"))["weight"].abs().sum() > 0
@@ -593,7 +603,7 @@ def sample_vowel_rate(model, tok, prompts: list[str], temperature: float, n: int
 
     import torch
 
-    from rlchat.rollout import generation_config, truncate_at_eos
+    from rlchat.generation import cut_at_stop, generation_config
 
     spec = importlib.util.spec_from_loader("vowels", loader=None)
     mod = importlib.util.module_from_spec(spec)
@@ -603,7 +613,7 @@ def sample_vowel_rate(model, tok, prompts: list[str], temperature: float, n: int
     gen = generation_config(8, temperature, 1.0, [tok.eos_token_id], tok.pad_token_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=gen)[:, ids.shape[1]:]
-    out, rmask, _ = truncate_at_eos(out, [tok.eos_token_id], tok.pad_token_id)
+    out, rmask, _ = cut_at_stop(out, [tok.eos_token_id], tok.pad_token_id)
     texts = [tok.decode([t for t, m in zip(r, mr) if m], skip_special_tokens=True)
              for r, mr in zip(out.tolist(), rmask.tolist())]
     return sum(mod.reward([], texts)) / len(texts)
@@ -613,8 +623,8 @@ def sample_vowel_rate(model, tok, prompts: list[str], temperature: float, n: int
 def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tmp_path, tiny_model, demo_data):
     """A random tiny model, rewarded for vowels. Its LM head is random and frozen (LoRA steers the hidden state), so
     sampling runs at a low temperature, where the hidden state moves the next-token distribution enough to learn
-    from a few hundred episodes. A correct PPO lifts the vowel rate of fresh samples from ~0.36 to 0.5-0.9 in
-    60 steps (seeds 1-3: 0.48, 0.72, 0.92 logged; this seed 0.36 -> 0.85 fresh, KL ~46 nats per response at
+    from a few hundred episodes. A correct PPO lifts the vowel rate of fresh samples from ~0.36 to 0.6-1.0 in
+    60 steps (seeds 1-16: 0.60-1.00 logged at the end; this seed 0.36 -> 1.00 fresh, KL ~37 nats per response at
     T = 0.1); the same run with the reward's sign flipped drives it to ~0 (checked by hand: 0.34 -> 0.01), so the
     margin below cannot be met by a PPO that descends instead of ascends."""
     from peft import PeftModel
@@ -638,13 +648,14 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tmp_path, tiny_model, 
     after = sample_vowel_rate(policy, tok, prompts, T)
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     print(f"vowel rate of fresh samples {before:.3f} -> {after:.3f}; logged score {metrics['score_start']:.3f} -> "
-          f"{metrics['score_end']:.3f}; KL {metrics['kl']:.1f}; {elapsed:.0f}s")
+          f"{metrics['score']:.3f}; KL {metrics['kl']:.1f}; {elapsed:.0f}s")
     assert after > before + 0.15, (before, after)
-    assert metrics["score_end"] > metrics["score_start"] + 0.15, metrics
-    # KL stays bounded: a finite, moderate number of nats per 8-token response at T = 0.1 (a policy that ran away
-    # would put ~4 nats on each token of a near-deterministic response and keep growing)
+    assert metrics["score"] > metrics["score_start"] + 0.15, metrics
+    # KL stays bounded: a finite, moderate number of nats per 8-token response at T = 0.1. Measured (largest
+    # logged objective/kl of the run): this seed 38.6 (37.0 at the end); seeds 1-16 29.4-54.3. The same run with the
+    # KL penalty's sign flipped (the policy paid for drifting) logs up to 70.9, without clipping 84.8 (step 8).
     kls = [r["objective/kl"] for r in rows]
-    assert all(k == k and abs(k) < 80 for k in kls), max(kls)
+    assert all(k == k and abs(k) < 60 for k in kls), max(kls)
 
 
 RUNNER = """

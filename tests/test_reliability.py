@@ -816,7 +816,7 @@ def _user_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_judge_file_path_imports_that_file_only(tmp_path):
-    from rlchat.stages.evaluate import load_judge
+    from rlchat.rewards import load_judge
 
     folder, marker = _user_files(tmp_path)
     before = set(sys.modules)
@@ -855,7 +855,7 @@ def test_dotted_reward_fn_leaves_no_user_directory_on_the_import_path(tmp_path, 
 
 def test_manifest_paths_cannot_leave_the_run_directory(tmp_path, tiny_model):
     """run.json records output paths relative to RUN; one that points elsewhere is refused before any read."""
-    from rlchat import models
+    from rlchat import run_models
     from rlchat.errors import RunDirError
 
     run = tmp_path / "run"
@@ -864,11 +864,11 @@ def test_manifest_paths_cannot_leave_the_run_directory(tmp_path, tiny_model):
                                            "base_model": str(tiny_model)}, "config": {}}
     (run / "run.json").write_text(json.dumps({"stages": {"sft": entry}}))
     with pytest.raises(RunDirError, match="outside the run directory"):
-        models.load_sft_policy(run)
+        run_models.load_sft_policy(run)
     entry["outputs"].update(adapter="sft/adapter", tokenizer="/etc")
     (run / "run.json").write_text(json.dumps({"stages": {"sft": entry}}))
     with pytest.raises(RunDirError, match="outside the run directory"):
-        models.load_sft_policy(run)
+        run_models.load_sft_policy(run)
 
 
 def test_trainer_outputs_stay_inside_the_stage_directory(tmp_path, monkeypatch):

@@ -19,6 +19,10 @@ import pytest
 
 from rlchat.config import RewardConfig, resolve
 from rlchat.errors import ConfigError, DataError, ModelError, RunDirError
+from rlchat.pairs import pair_stats, read_pairs, tokenize_pairs
+from rlchat.run_models import (Base, RewardScorer, check_reward_base, load_base_causal, load_reward_model,
+                               reward_input_ids)
+from rlchat.score import score
 from rlchat.stages import reward
 from tests.conftest import snapshot
 
@@ -82,14 +86,14 @@ def trained(tmp_path_factory, tiny_model):
     pairs_path = write_jsonl(root / "pairs.jsonl", colour_pairs(1000))
 
     # the same base the stage starts from, with a fresh random score head, before any training
-    causal, tok = reward.load_base_causal(None, reward.Base(str(tiny_model), None, None))
+    causal, tok = load_base_causal(None, Base(str(tiny_model), None, None))
     set_seed(0)
     untrained = models.seq_cls_from_causal(causal, pad_token_id=tok.pad_token_id)
-    pairs, _ = reward.read_pairs(data.load_any(str(pairs_path)), "explicit")
-    cols, _, _ = reward.tokenize_pairs(pairs, tok, 512)
-    scores = reward.score_token_ids(untrained, cols["chosen_ids"] + cols["rejected_ids"], tok.pad_token_id)
+    pairs, _ = read_pairs(data.load_any(str(pairs_path)), "explicit")
+    cols, _, _ = tokenize_pairs(pairs, tok, 512)
+    scores = RewardScorer(untrained, tok, sort_by_length=True).score_ids(cols["chosen_ids"] + cols["rejected_ids"])
     n = len(pairs)
-    untrained_acc = reward.pair_stats(scores[:n], scores[n:])["accuracy"]
+    untrained_acc = pair_stats(scores[:n], scores[n:])["accuracy"]
     del causal, untrained, scores
     torch.manual_seed(0)
 
@@ -121,7 +125,7 @@ def test_reward_model_learns_held_out_preferences(trained):
 def test_run_dir_outputs(trained, tiny_model):
     from safetensors import safe_open
 
-    from rlchat.rundir import content_hash
+    from rlchat.fileio import content_hash
 
     run = trained["run"]
     entry = json.loads((run / "run.json").read_text())["stages"]["reward"]
@@ -159,11 +163,11 @@ def test_reloaded_model_gives_the_same_scores(trained, tiny_model):
     run = trained["run"]
     saved = read_jsonl(run / "reward" / "eval_scores.jsonl")
     assert len(saved) == 200
-    model, tok = reward.load_reward_model(run, device=models.pick_device())  # where the stage scored them
+    model, tok = load_reward_model(run, device=models.pick_device())  # where the stage scored them
     ds = data.load_any(str(trained["pairs"]))
-    pairs, _ = reward.read_pairs(ds.select([r["row"] for r in saved]), "explicit")
-    cols, _, _ = reward.tokenize_pairs(pairs, tok, 512)
-    scores = reward.score_token_ids(model, cols["chosen_ids"] + cols["rejected_ids"], tok.pad_token_id)
+    pairs, _ = read_pairs(ds.select([r["row"] for r in saved]), "explicit")
+    cols, _, _ = tokenize_pairs(pairs, tok, 512)
+    scores = RewardScorer(model, tok, sort_by_length=True).score_ids(cols["chosen_ids"] + cols["rejected_ids"])
     n = len(saved)
     torch.testing.assert_close(scores[:n], torch.tensor([r["chosen"] for r in saved]), atol=1e-5, rtol=0)
     torch.testing.assert_close(scores[n:], torch.tensor([r["rejected"] for r in saved]), atol=1e-5, rtol=0)
@@ -171,7 +175,7 @@ def test_reloaded_model_gives_the_same_scores(trained, tiny_model):
     # plain PEFT on a seq-cls model of the base loads the adapter too (what PPO or a user would do)
     base = models.seq_cls_from_causal(models.load_causal_lm(str(tiny_model)), pad_token_id=tok.pad_token_id)
     plain = PeftModel.from_pretrained(base, str(run / "reward" / "adapter")).to(models.pick_device())
-    again = reward.score_token_ids(plain, cols["chosen_ids"][:16], tok.pad_token_id)
+    again = RewardScorer(plain, tok, sort_by_length=True).score_ids(cols["chosen_ids"][:16])
     torch.testing.assert_close(again, scores[:16], atol=1e-5, rtol=0)
 
 
@@ -180,7 +184,7 @@ def test_score_writes_rows(trained):
     root, run = trained["root"], trained["run"]
     rows = colour_pairs(12, seed=7)
     pairs_path = write_jsonl(root / "score_pairs.jsonl", rows)
-    res = reward.score(run, str(pairs_path), root / "scored_pairs.jsonl", batch_size=5)
+    res = score(run, str(pairs_path), root / "scored_pairs.jsonl", batch_size=5)
     out = read_jsonl(root / "scored_pairs.jsonl")
     assert res["n"] == len(out) == 24
     assert [r["label"] for r in out[:2]] == ["chosen", "rejected"]
@@ -189,7 +193,7 @@ def test_score_writes_rows(trained):
     assert res["accuracy"] >= 0.9 and "pairwise accuracy" in res["summary"]
 
     pc_path = write_jsonl(root / "score_pc.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
-    reward.score(run, str(pc_path), root / "scored_pc.jsonl")
+    score(run, str(pc_path), root / "scored_pc.jsonl")
     pc = read_jsonl(root / "scored_pc.jsonl")
     assert [set(r) for r in pc] == [{"prompt", "completion", "score"}] * 12
     # the same text gets the same score whatever the row format and batch
@@ -197,7 +201,7 @@ def test_score_writes_rows(trained):
         assert abs(a["score"] - b["score"]) < 1e-5
 
     with pytest.raises(DataError, match="none of which"):
-        reward.score(run, str(write_jsonl(root / "bad.jsonl", [{"text": "hi"}])), root / "never.jsonl")
+        score(run, str(write_jsonl(root / "bad.jsonl", [{"text": "hi"}])), root / "never.jsonl")
     assert not (root / "never.jsonl").exists()
 
 
@@ -207,7 +211,7 @@ def test_score_writes_rows(trained):
 @pytest.mark.slow
 def test_starts_from_sft_and_refuses_a_changed_sft_base(tmp_path, tiny_model, demo_data):
     from rlchat.config import SFTConfig
-    from rlchat.rundir import content_hash
+    from rlchat.fileio import content_hash
     from rlchat.stages import sft
 
     run = tmp_path / "run"
@@ -220,22 +224,23 @@ def test_starts_from_sft_and_refuses_a_changed_sft_base(tmp_path, tiny_model, de
     assert entry["parent"] == "sft" and entry["outputs"]["base"] == "sft"
     assert entry["outputs"]["base_hash"] == content_hash(run / "sft" / "adapter")
     assert m["n_eval"] == 16 and m["format"] == "explicit"
-    model, _ = reward.load_reward_model(run)  # the matching base loads
+    model, _ = load_reward_model(run)  # the matching base loads
     assert model.config.num_labels == 1
 
     # retrain-like change of the SFT adapter: the reward adapter no longer fits it
     cfg_file = run / "sft" / "adapter" / "adapter_config.json"
     cfg_file.write_text(cfg_file.read_text() + "\n")
     with pytest.raises(ModelError, match="different version of the run's SFT model"):
-        reward.load_reward_model(run)
+        load_reward_model(run)
     with pytest.raises(ModelError, match="retrain"):
-        reward.score(run, str(pairs), tmp_path / "scores.jsonl")
+        score(run, str(pairs), tmp_path / "scores.jsonl")
     assert not (tmp_path / "scores.jsonl").exists()
 
 
 def test_mismatched_model_base_refused(tmp_path, tiny_model):
     """--model base: a changed local model directory is caught by its content hash (no training needed)."""
-    from rlchat.rundir import RunDir, content_hash
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import content_hash
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
@@ -244,10 +249,10 @@ def test_mismatched_model_base_refused(tmp_path, tiny_model):
     run.finish_stage("reward", metrics={}, outputs={"kind": "lora", "adapter": "reward/adapter", "model": None,
                                                     "tokenizer": "reward/tokenizer", "base": str(base),
                                                     "base_hash": content_hash(base)})
-    assert reward.check_reward_base(run.path).name == str(base)
+    assert check_reward_base(run.path).name == str(base)
     (base / "config.json").write_text((base / "config.json").read_text() + " ")
     with pytest.raises(ModelError, match="different version of the model"):
-        reward.load_reward_model(run.path)
+        load_reward_model(run.path)
 
 
 # ------------------------------------------------------------------- formats, margins, truncation, full
@@ -291,12 +296,12 @@ def test_full_weights_save_and_reload(tmp_path, tiny_model):
     assert out["kind"] == "full" and out["model"] == "reward/model" and out["adapter"] is None
     from rlchat.models import pick_device
 
-    model, tok = reward.load_reward_model(tmp_path / "run", device=pick_device())
+    model, tok = load_reward_model(tmp_path / "run", device=pick_device())
     saved = read_jsonl(tmp_path / "run" / "reward" / "eval_scores.jsonl")
     assert len(saved) == m["n_eval"] == 10
     rows = read_jsonl(path)
-    ids = [reward.encode(tok, rows[r["row"]]["prompt"], rows[r["row"]]["chosen"], 512)[0] for r in saved]
-    scores = reward.score_token_ids(model, ids, tok.pad_token_id)
+    ids = [reward_input_ids(tok, rows[r["row"]]["prompt"], rows[r["row"]]["chosen"], 512)[0] for r in saved]
+    scores = RewardScorer(model, tok, sort_by_length=True).score_ids(ids)
     torch.testing.assert_close(scores, torch.tensor([r["chosen"] for r in saved]), atol=1e-5, rtol=0)
 
 
@@ -390,29 +395,29 @@ def test_read_pairs_splits_implicit_prompts():
         {"chosen": [user, {"role": "assistant", "content": "A red fox."}],
          "rejected": [user, {"role": "assistant", "content": "A blue fox."}]},
     ])
-    (pair,), identical = reward.read_pairs(ds, "implicit")
+    (pair,), identical = read_pairs(ds, "implicit")
     assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "A red fox."}]
     assert identical == []
     text = Dataset.from_list([{"chosen": "Q: the sky? A: blue", "rejected": "Q: the sky? A: bleak"}])
-    (pair,), _ = reward.read_pairs(text, "implicit")
+    (pair,), _ = read_pairs(text, "implicit")
     assert pair.prompt == "Q: the sky? A:" and pair.chosen == " blue" and pair.rejected == " bleak"
     no_prefix = Dataset.from_list([
         {"chosen": [user, {"role": "assistant", "content": "x"}],
          "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "y"}]},
     ])
     with pytest.raises(DataError, match="row.*0"):
-        reward.read_pairs(no_prefix, "implicit")
+        read_pairs(no_prefix, "implicit")
 
 
 def test_encode_left_truncates(tiny_model):
     from rlchat import models
 
     tok = models.load_tokenizer(str(tiny_model))
-    full, cut = reward.encode(tok, "Tell me about the red fox. ", "The red fox is here.", None)
+    full, cut = reward_input_ids(tok, "Tell me about the red fox. ", "The red fox is here.", None)
     assert not cut and full[-1] == tok.eos_token_id  # plain text gets eos, as in TRL
-    short, cut = reward.encode(tok, "Tell me about the red fox. ", "The red fox is here.", 5)
+    short, cut = reward_input_ids(tok, "Tell me about the red fox. ", "The red fox is here.", 5)
     assert cut and short == full[-5:]
-    chat, _ = reward.encode(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
+    chat, _ = reward_input_ids(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
                             None)
     assert chat == list(tok.apply_chat_template([{"role": "user", "content": "Hi"},
                                                  {"role": "assistant", "content": "Hello"}],
@@ -422,7 +427,7 @@ def test_encode_left_truncates(tiny_model):
 def test_pair_stats_by_hand():
     import torch
 
-    s = reward.pair_stats(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 2.0, 1.0]))
+    s = pair_stats(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 2.0, 1.0]))
     # chosen > rejected in 1 of 3 pairs (a tie counts as wrong); margins 1, 0, -1
     assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
     assert s["chosen_mean"] == pytest.approx(1.0) and s["rejected_mean"] == pytest.approx(1.0)

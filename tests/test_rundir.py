@@ -14,8 +14,9 @@ import pytest
 
 from rlchat import rundir as rd
 from rlchat.errors import RunDirError
-from rlchat.rundir import (RunDir, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, content_hash,
-                           input_record, summary_rows)
+from rlchat.rundir import RunDir
+from rlchat.fileio import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, content_hash, input_record
+from rlchat.status import summary_rows
 
 
 def _enospc(*args, **kwargs):

@@ -13,6 +13,9 @@
   that checkpoint is already the last step (restored without training: transformers would add a step).
 - `stage_lifecycle(run, stage)`: marks the stage failed in the manifest if anything raises; a full disk, a
   read-only run directory or running out of memory become one-line RlchatErrors (see `resource_error`).
+- `trainer_stage(run, stage, cfg, mode, inputs, parent)` and `train(trainer, begun, stage)`: the opening and the
+  training call that sft and reward share (begin the stage, config.yaml, clean up after a kill, find the checkpoint
+  to resume from; then drop the Trainer's printer, count parameters, train or restore).
 - `oom_guard(stage)`: out-of-memory errors (torch.OutOfMemoryError, "CUDA out of memory" RuntimeErrors,
   MemoryError) as one-line errors that name the flags that lower memory use.
 """
@@ -26,9 +29,10 @@ import re
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from rlchat.errors import RlchatError, RunDirError
+from rlchat.errors import RlchatError, RunDirError, first_line
 
 log = logging.getLogger("rlchat")
 
@@ -188,7 +192,7 @@ def prepare_resume(stage_dir: Path, resume_from: Path | None) -> None:
     - metrics.jsonl rows logged after `resume_from`'s step (they are logged again), or all of them when training
       starts over (`resume_from` None).
     """
-    from rlchat.rundir import atomic_write_text
+    from rlchat.fileio import atomic_write_text
 
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
@@ -261,18 +265,13 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")
-
-
 def resource_error(stage: str, err: BaseException) -> RlchatError | None:
     """`err` as a one-line RlchatError when it is a resource problem (out of memory, full disk, read-only or
     unwritable run directory), else None."""
     if isinstance(err, RlchatError):
         return None
     if is_oom(err):
-        what = _first_line(err) if not isinstance(err, MemoryError) else "host memory exhausted"
+        what = first_line(err) if not isinstance(err, MemoryError) else "host memory exhausted"
         knobs = OOM_KNOBS.get(stage, "lower --batch-size")
         then = ("then rerun: it resumes from the last checkpoint" if stage in RESUMABLE else "then rerun")
         return OutOfMemory(f"{stage} ran out of memory ({what[:200]})", f"{knobs}; {then}")
@@ -328,6 +327,63 @@ def stage_lifecycle(run, stage: str):
         raise
 
 
+@dataclass
+class Begun:
+    """A TRL stage once `trainer_stage` began it."""
+
+    stage_dir: Path                 # RUN/<stage>
+    ckpt_dir: Path                  # RUN/<stage>/checkpoints: the Trainer's output_dir
+    resume_from: Path | None        # the newest complete checkpoint when resuming, else None
+    old_config: dict | None         # the config the interrupted run recorded (resume only)
+    is_main: bool                   # the only process that writes
+
+
+@contextmanager
+def trainer_stage(run, stage: str, cfg, mode: str, inputs: dict, parent: str | None):
+    """Begin a Trainer-based stage (the first write) and hold it: yields a `Begun` inside `stage_lifecycle` and
+    `oom_guard`, after config.yaml is written and, on resume, what the killed run left half-done is removed.
+
+        with trainer_stage(run, "sft", cfg, mode, inputs, parent=None) as begun:
+            trainer = SFTTrainer(..., args=TrlSFTConfig(**trainer_args(cfg, begun.ckpt_dir, has_eval)))
+            result, trainable, total = train(trainer, begun, "sft", cfg)
+    """
+    from rlchat import dist
+    from rlchat.config import to_dict, to_yaml
+    from rlchat.fileio import atomic_write_text
+
+    old_config = (run.record(stage) or {}).get("config") if mode == "resume" else None
+    stage_dir = run.begin_stage(stage, config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
+    is_main = dist.is_main()  # under accelerate launch only the main process writes
+    with stage_lifecycle(run, stage), oom_guard(stage):
+        if is_main:
+            atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
+        ckpt_dir = stage_dir / "checkpoints"
+        resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
+        if mode == "resume" and is_main:
+            prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
+        dist.barrier()
+        yield Begun(stage_dir, ckpt_dir, resume_from, old_config, is_main)
+
+
+def train(trainer, begun: Begun, stage: str, cfg):
+    """Train (resuming from begun.resume_from) with our progress bar only; (TrainOutput, trainable, total)."""
+    from rlchat.models import count_parameters
+    from rlchat.progress import console
+
+    drop_printer(trainer)
+    trainable, total = count_parameters(trainer.model)
+    if begun.resume_from is not None:
+        console.print(f"[yellow]{stage}: resuming from {begun.resume_from.name}[/]")
+    result = train_or_restore(trainer, begun.resume_from, final_step(cfg, begun.old_config, begun.resume_from))
+    return result, trainable, total
+
+
+def trained_outputs(stage: str, full: bool) -> dict:
+    """The manifest `outputs` every Trainer stage starts with: kind, adapter or model dir, tokenizer dir."""
+    return {"kind": "full" if full else "lora", "adapter": None if full else f"{stage}/adapter",
+            "model": f"{stage}/model" if full else None, "tokenizer": f"{stage}/tokenizer"}
+
+
 def is_sharded(trainer) -> bool:
     """True when the trained weights are split across processes (DeepSpeed ZeRO-3 or FSDP): saving them then
     needs every process (the trainer gathers the shards), not only the main one."""
@@ -350,18 +406,18 @@ def save_trained(trainer, final: Path, full: bool, tokenizer=None) -> None:
     the directory into place. `tokenizer` is saved alongside when given.
     """
     from rlchat import dist
-    from rlchat.rundir import atomic_dir
+    from rlchat.fileio import atomic_dir
 
-    main = dist.is_main()
+    is_main = dist.is_main()
     if not is_sharded(trainer):
-        if main:
+        if is_main:
             with atomic_dir(final) as tmp:
                 model = trainer.accelerator.unwrap_model(trainer.model)
                 model.save_pretrained(tmp, safe_serialization=True)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
         return
-    if main:
+    if is_main:
         with atomic_dir(final) as tmp:
             dist.broadcast_object(str(tmp))
             trainer.save_model(str(tmp))  # collective: gathers the shards
@@ -383,24 +439,3 @@ def drop_printer(trainer) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-
-
-def quiet_libraries() -> None:
-    """Silence library chatter that is noise for a CLI user (warnings stay for real problems)."""
-    import logging
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars on every save
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message=".*TRLExperimentalWarning.*")

@@ -12,7 +12,7 @@ What it does, in order:
 
 Resume: checkpoints go to RUN/sft/checkpoints/ every --save-steps; the same command after a kill resumes from the
 newest complete checkpoint. Outputs (manifest `outputs`): kind ("lora" | "full"), adapter, model, tokenizer,
-base_model. `rlchat.models.load_sft_policy` reads exactly these.
+base_model. `rlchat.run_models.load_sft_policy` reads exactly these.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class _EvalBefore(_Callback):
         self.eval_loss = None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        from rlchat.rundir import atomic_write_json
+        from rlchat.fileio import atomic_write_json
 
         if self.eval_loss is None and metrics and "eval_loss" in metrics:
             self.eval_loss = metrics["eval_loss"]
@@ -62,16 +62,67 @@ class _EvalBefore(_Callback):
 
 
 def run(cfg) -> dict:
-    from rlchat import data, dist, models
-    from rlchat.config import to_dict, to_yaml
-    from rlchat.progress import TrainerProgress, console
-    from rlchat.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, input_record
-    from rlchat.stages.common import (drop_printer, final_step, last_complete_checkpoint, oom_guard, prepare_resume,
-                                      quiet_libraries, save_trained, stage_lifecycle, train_or_restore,
-                                      trainer_args)
+    """Fine-tune cfg.model on cfg.dataset into RUN/sft/; returns the final metrics (and a one-line "summary")."""
+    from rlchat import dist, models
+    from rlchat.progress import quiet_libraries
+    from rlchat.stages.common import oom_guard, train, trainer_stage
 
     t_start = time.time()
     # 1. validate everything before the first write
+    run, mode, inputs = _check_run(cfg)
+    fmt, train_ds, eval_ds = _load_dataset(cfg)
+    quiet_libraries()
+    with oom_guard("sft"):
+        model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+    # 2. train
+    with trainer_stage(run, "sft", cfg, mode, inputs, parent=None) as begun:
+        before_path = begun.stage_dir / "eval_before.json"
+        known_before = begun.resume_from is not None and before_path.exists()
+        before = _EvalBefore(before_path if begun.is_main else None)
+        trainer = _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt, before, known_before)
+        result, trainable, total = train(trainer, begun, "sft", cfg)
+        eval_before = None
+        if eval_ds is not None:
+            eval_before = (json.loads(before_path.read_text()).get("eval_loss") if known_before
+                           else before.eval_loss)
+        final_eval = trainer.evaluate() if eval_ds is not None else {}
+
+        # 3. write outputs atomically (main process; the others wait, then leave)
+        outputs = _save_outputs(cfg, trainer, begun, tokenizer)
+        wall = time.time() - t_start
+        metrics = {
+            "eval_loss": final_eval.get("eval_loss"),
+            "eval_loss_before": eval_before,
+            "eval_token_accuracy": final_eval.get("eval_mean_token_accuracy"),
+            "train_loss": result.training_loss,
+            "steps": trainer.state.global_step,
+            "n_train": len(train_ds),
+            "n_eval": len(eval_ds) if eval_ds is not None else 0,
+            "processes": dist.world_size(),
+            "format": fmt,
+            "trainable_params": trainable,
+            "total_params": total,
+            "resumed_from": begun.resume_from.name if begun.resume_from else None,
+            "wall_s": round(wall, 1),
+        }
+        run.finish_stage("sft", metrics=metrics, outputs=outputs)
+
+    where = outputs["model"] or outputs["adapter"]
+    eval_after = metrics["eval_loss"]
+    loss_text = (f"eval loss {eval_before:.3f} -> {eval_after:.3f}" if eval_after is not None and eval_before
+                 is not None else f"train loss {result.training_loss:.3f}")
+    metrics["summary"] = (f"{loss_text} in {wall:.0f}s ({metrics['steps']} steps, {len(train_ds)} rows, {fmt}); "
+                          f"{outputs['kind']} weights at {run.path / where}")
+    return metrics
+
+
+def _check_run(cfg):
+    """(run, mode, inputs): the settings sft needs, the run directory, and that a resume continues the same run."""
+    from rlchat.rundir import RunDir
+    from rlchat.fileio import input_record
+
     if not cfg.model:
         raise ConfigError("sft needs a base model", "pass --model (a Hub id or a local directory) or set `model:` "
                           "in the recipe")
@@ -83,102 +134,65 @@ def run(cfg) -> dict:
     inputs = {"model": input_record(cfg.model), "dataset": input_record(cfg.dataset)}
     if mode == "resume":
         check_resume_matches(run, cfg, inputs)
+    return run, mode, inputs
+
+
+def _load_dataset(cfg):
+    """(format, train split, eval split or None) of cfg.dataset; DataError when it is not SFT data."""
+    from rlchat import data
+    from rlchat.progress import console
+
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
     fmt = data.detect_sft_format(ds, cfg.dataset)
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
     train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
-    quiet_libraries()
-    with oom_guard("sft"):
-        model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return fmt, train_ds, eval_ds
 
-    # 2. train
-    old_config = (run.record("sft") or {}).get("config") if mode == "resume" else None
-    stage_dir = run.begin_stage("sft", config=to_dict(cfg), inputs=inputs, parent=None, overwrite=cfg.overwrite)
-    main = dist.is_main()  # under accelerate launch only the main process writes
-    with stage_lifecycle(run, "sft"), oom_guard("sft"):
-        if main:
-            atomic_write_text(stage_dir / "config.yaml", to_yaml(cfg))
-        from trl import SFTConfig as TrlSFTConfig
-        from trl import SFTTrainer
 
-        ckpt_dir = stage_dir / "checkpoints"
-        resume_from = last_complete_checkpoint(ckpt_dir) if mode == "resume" else None
-        if mode == "resume" and main:
-            prepare_resume(stage_dir, resume_from)  # drop what the killed run left half-done
-        dist.barrier()
-        before_path = stage_dir / "eval_before.json"
-        known_before = resume_from is not None and before_path.exists()
-        args = TrlSFTConfig(
-            **trainer_args(cfg, ckpt_dir, has_eval=eval_ds is not None),
-            # the eval loss before training comes from the trainer's own first evaluation, not from a
-            # trainer.evaluate() call before train(): in transformers 5.24 that call leaves the model unwrapped
-            # by DDP in train(), so the processes' gradients are never averaged (measured: they drift apart)
-            eval_on_start=eval_ds is not None and not known_before,
-            max_length=cfg.max_length,
-            packing=cfg.packing,
-            assistant_only_loss=bool(cfg.assistant_only_loss and fmt == "messages"),
-            completion_only_loss=True if fmt == "prompt_completion" else None,
-            dataset_num_proc=None,
-        )
-        peft_config = None if cfg.full else models.lora_config(
-            cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="CAUSAL_LM")
-        progress = TrainerProgress(stage_dir / "metrics.jsonl", "sft")
-        before = _EvalBefore(before_path if main else None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[progress, before])
-        drop_printer(trainer)
-        trainable, total = models.count_parameters(trainer.model)
+def _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt: str, before, known_before: bool):
+    """TRL's SFTTrainer with our settings, progress callback and eval-before callback."""
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
 
-        if resume_from is not None:
-            console.print(f"[yellow]sft: resuming from {resume_from.name}[/]")
-        result = train_or_restore(trainer, resume_from, final_step(cfg, old_config, resume_from))
-        eval_before = None
-        if eval_ds is not None:
-            eval_before = (json.loads(before_path.read_text()).get("eval_loss") if known_before
-                           else before.eval_loss)
-        final_eval = trainer.evaluate() if eval_ds is not None else {}
-        eval_after = final_eval.get("eval_loss")
+    from rlchat import models
+    from rlchat.progress import TrainerProgress
+    from rlchat.stages.common import trainer_args
 
-        # 3. write outputs atomically (main process; the others wait, then leave)
-        if cfg.full:  # a standalone model dir: weights + tokenizer
-            save_trained(trainer, stage_dir / "model", full=True, tokenizer=tokenizer)
-        else:
-            save_trained(trainer, stage_dir / "adapter", full=False)
-        if main:
-            with atomic_dir(stage_dir / "tokenizer") as tmp:
-                tokenizer.save_pretrained(tmp)
+    args = TrlSFTConfig(
+        **trainer_args(cfg, begun.ckpt_dir, has_eval=eval_ds is not None),
+        # the eval loss before training comes from the trainer's own first evaluation, not from a
+        # trainer.evaluate() call before train(): in transformers 5.24 that call leaves the model unwrapped
+        # by DDP in train(), so the processes' gradients are never averaged (measured: they drift apart)
+        eval_on_start=eval_ds is not None and not known_before,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        assistant_only_loss=bool(cfg.assistant_only_loss and fmt == "messages"),
+        completion_only_loss=True if fmt == "prompt_completion" else None,
+        dataset_num_proc=None,
+    )
+    peft_config = None if cfg.full else models.lora_config(
+        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="CAUSAL_LM")
+    progress = TrainerProgress(begun.stage_dir / "metrics.jsonl", "sft")
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=[progress, before])
 
-        wall = time.time() - t_start
-        metrics = {
-            "eval_loss": eval_after,
-            "eval_loss_before": eval_before,
-            "eval_token_accuracy": final_eval.get("eval_mean_token_accuracy"),
-            "train_loss": result.training_loss,
-            "steps": trainer.state.global_step,
-            "n_train": len(train_ds),
-            "n_eval": len(eval_ds) if eval_ds is not None else 0,
-            "processes": dist.world_size(),
-            "format": fmt,
-            "trainable_params": trainable,
-            "total_params": total,
-            "resumed_from": resume_from.name if resume_from else None,
-            "wall_s": round(wall, 1),
-        }
-        outputs = {
-            "kind": "full" if cfg.full else "lora",
-            "adapter": None if cfg.full else "sft/adapter",
-            "model": "sft/model" if cfg.full else None,
-            "tokenizer": "sft/tokenizer",
-            # absolute for local bases, so later stages find it from any working directory
-            "base_model": str(Path(cfg.model).resolve()) if models.is_local(cfg.model) else cfg.model,
-            "metrics": "sft/metrics.jsonl",
-        }
-        run.finish_stage("sft", metrics=metrics, outputs=outputs)
 
-    where = outputs["model"] or outputs["adapter"]
-    loss_text = (f"eval loss {eval_before:.3f} -> {eval_after:.3f}" if eval_after is not None and eval_before
-                 is not None else f"train loss {result.training_loss:.3f}")
-    metrics["summary"] = (f"{loss_text} in {wall:.0f}s ({metrics['steps']} steps, {len(train_ds)} rows, {fmt}); "
-                          f"{outputs['kind']} weights at {run.path / where}")
-    return metrics
+def _save_outputs(cfg, trainer, begun, tokenizer) -> dict:
+    """RUN/sft/adapter (or model) and tokenizer, atomically; the manifest's `outputs`."""
+    from rlchat import models
+    from rlchat.fileio import atomic_dir
+    from rlchat.stages.common import save_trained, trained_outputs
+
+    if cfg.full:  # a standalone model dir: weights + tokenizer
+        save_trained(trainer, begun.stage_dir / "model", full=True, tokenizer=tokenizer)
+    else:
+        save_trained(trainer, begun.stage_dir / "adapter", full=False)
+    if begun.is_main:
+        with atomic_dir(begun.stage_dir / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
+    return {
+        **trained_outputs("sft", cfg.full),
+        # absolute for local bases, so later stages find it from any working directory
+        "base_model": str(Path(cfg.model).resolve()) if models.is_local(cfg.model) else cfg.model,
+        "metrics": "sft/metrics.jsonl",
+    }
