@@ -122,21 +122,30 @@ def ppo_step(cfg, s: PPOSetup) -> StepOutput:
     ro, parts, t1 = _rollout_and_score(cfg, s)  # steps 1-4
     t2 = time.perf_counter()
 
-    # 5. per-token rewards: KL penalty on every token, score on the last one
     kl_coef = s.kl_ctl.value
-    rewards_t, kl = pm.per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
-                                         kl_coef)  # (B, R), (B, R)
-    if cfg.whiten_rewards:
-        rewards_t = pm.masked_whiten(rewards_t, ro.response_mask, shift_mean=False, reduce=s.reduce)
-
-    # 6. advantages and returns (GAE), advantages whitened over the global batch (all processes)
-    advantages, returns = pm.gae(rewards_t, ro.values, ro.response_mask, cfg.gamma, cfg.lam)  # (B, R)
-    advantages = pm.masked_whiten(advantages, ro.response_mask, reduce=s.reduce)
+    rewards_t, kl, advantages, returns = advantages_and_returns(cfg, ro, kl_coef, s.reduce)  # steps 5-6
 
     # 7. PPO epochs: shuffled minibatches, each an optimizer step over grad_accum micro-batches
     stats = ppo_update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, s.trainable, ro, advantages, returns,
                        s.reduce)
     return StepOutput(ro, parts, rewards_t, kl, returns, stats, kl_coef, (t0, t1, t2, time.perf_counter()))
+
+
+def advantages_and_returns(cfg, ro, kl_coef: float, reduce=None):
+    """Steps 5-6 of a PPO step on a scored rollout: per-token rewards (B, R), per-token KL (B, R), whitened GAE
+    advantages (B, R) and returns (B, R). `reduce` all-reduces the whitening statistics over processes."""
+    from rlchat import ppo_math as pm
+
+    # 5. per-token rewards: KL penalty on every token, score on the last one
+    rewards_t, kl = pm.per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
+                                         kl_coef)  # (B, R), (B, R)
+    if cfg.whiten_rewards:
+        rewards_t = pm.masked_whiten(rewards_t, ro.response_mask, shift_mean=False, reduce=reduce)
+
+    # 6. advantages and returns (GAE), advantages whitened over the global batch (all processes)
+    advantages, returns = pm.gae(rewards_t, ro.values, ro.response_mask, cfg.gamma, cfg.lam)  # (B, R)
+    advantages = pm.masked_whiten(advantages, ro.response_mask, reduce=reduce)
+    return rewards_t, kl, advantages, returns
 
 
 def _rollout_and_score(cfg, s: PPOSetup):

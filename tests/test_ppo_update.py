@@ -20,14 +20,8 @@ import pytest
 def ppo_update_fn():
     """The PPO update, called as update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages,
     returns)."""
-    try:
-        from rlchat.ppo_update import ppo_update
-    except ImportError:  # before the PPO loop was split out of stages/ppo.py
-        from rlchat.stages.ppo import _ppo_update
+    from rlchat.ppo_update import ppo_update
 
-        def ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages, returns):
-            return _ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, advantages, returns,
-                               1, Path("unused-checkpoints"))
     return ppo_update
 
 
@@ -89,14 +83,15 @@ def test_one_update_raises_the_logprob_of_positive_advantage_tokens(tiny_model, 
     import torch
 
     from rlchat import ppo_math as pm
+    from rlchat.ppo_step import advantages_and_returns as stage_advantages_and_returns
 
     cfg, model, optimizer, scheduler, accelerator, trainable, ro = setup(tiny_model, 1, 1e-3, kl_coef=0.0,
                                                                          gamma=1.0, lam=1.0)
     sign = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0])  # (B,)
     ro.scores = sign.clone()
     ro.values = torch.zeros_like(ro.values)  # the value head's guesses would shift the advantages off +-1
-    rewards, _ = pm.per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, cfg.kl_coef)
-    advantages, returns = pm.gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)  # (B, R)
+    # the stage's own steps 5-6 (per-token rewards, GAE, whitening): whitening keeps the signs of +-1 scores
+    _, _, advantages, returns = stage_advantages_and_returns(cfg, ro, cfg.kl_coef)  # (B, R)
     before = policy_logprobs(model, ro)
     # the update starts from the rollout's policy: the recomputed logprobs are the rollout's (ratio 1)
     torch.testing.assert_close(before, ro.logprobs, atol=1e-5, rtol=0)
