@@ -31,7 +31,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# The whole pipeline offline on the built-in demo task, then the report.
+# The whole pipeline offline on the built-in demo task, then the report. Run again after an interruption it skips
+# the finished stages and resumes the interrupted one; `make demo-clean` starts afresh.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_RUN)
 

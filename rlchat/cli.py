@@ -4,7 +4,9 @@ The stage commands are generated from the config dataclasses in `rlchat.config`,
 written once (in the dataclass field) and `--config recipe.yaml` and the flags can never drift apart.
 Heavy libraries (torch, transformers, trl) are imported inside the commands: `rlchat --help` stays fast.
 
-Errors a user can fix (`rlchat.errors.RlchatError`) are printed as one line, exit code 2, no traceback.
+Errors a user can fix (`rlchat.errors.RlchatError`) are printed as one line, exit code 2, no traceback. Any other
+exception is the last line of defence's: one line naming the command, the error and a log file with the traceback,
+exit code 1. Ctrl-C and SIGTERM print "interrupted: rerun the same command to resume" and exit 130 / 143.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -25,20 +28,41 @@ from rlchat import __version__
 from rlchat.errors import RlchatError
 
 try:  # typer >= 0.2x carries its own copy of click
-    from typer._click.exceptions import ClickException, UsageError
+    from typer._click.exceptions import ClickException, NoSuchOption, UsageError
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, UsageError
+    from click.exceptions import ClickException, NoSuchOption, UsageError
 
 
 class _OneLineErrors(typer.core.TyperGroup):
     """Usage errors (unknown flag, bad value, missing argument) as one `error:` line, exit code 2, like every other
     rlchat error, instead of click's multi-line box."""
 
+    def invoke(self, ctx):
+        # typer turns KeyboardInterrupt into a silent exit 130 before main() could see it: catch it here, where the
+        # command ran (a stage has marked itself "interrupted" by now), and say how to go on
+        from rlchat.errors import INTERRUPTED, interrupt_exit_code
+
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            print(INTERRUPTED, file=sys.stderr)
+            raise typer.Exit(interrupt_exit_code(err)) from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from rlchat.errors import INTERRUPTED, interrupt_exit_code, unexpected
+
+        on_sigterm()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (KeyboardInterrupt, typer.Abort) as err:
+            # click turns Ctrl-C into Abort ("Aborted!", exit 1); a stage has marked itself "interrupted" by now
+            if isinstance(err, typer.Abort) and not isinstance(err.__context__ or err.__cause__, KeyboardInterrupt):
+                print("Aborted!", file=sys.stderr)
+                sys.exit(1)
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(interrupt_exit_code(err))
         except UsageError as err:
             from rich.markup import escape
 
@@ -47,16 +71,64 @@ class _OneLineErrors(typer.core.TyperGroup):
             if not err.format_message().strip():  # `rlchat` alone: the help was printed already
                 sys.exit(err.exit_code)
             cmd = err.ctx.command_path if err.ctx is not None else "rlchat"
-            console.print(f"[bold red]error:[/] {escape(err.format_message().rstrip('.'))}. Fix: see "
+            console.print(f"[bold red]error:[/] {escape(_usage_problem(err))}. Fix: see "
                           f"`{escape(cmd)} --help`.", soft_wrap=True, highlight=False)
             sys.exit(err.exit_code)
         except ClickException as err:
             err.show()
             sys.exit(err.exit_code)
-        except typer.Abort:
-            print("Aborted!", file=sys.stderr)
-            sys.exit(1)
+        except Exception as err:  # noqa: BLE001 - the last line of defence: one line + a log, never a traceback
+            from rich.markup import escape
+
+            from rlchat.progress import console
+
+            from rlchat.stages.common import known_error
+
+            words = [a for a in (sys.argv[1:] if args is None else list(args)) if not str(a).startswith("-")]
+            known = known_error(str(words[0]) if words else "rlchat", err)  # a full disk while export writes, ...
+            line = (known or unexpected(f"rlchat {words[0]}" if words else "rlchat", err)).one_line()
+            console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+            sys.exit(known.exit_code if known is not None else 1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_problem(err: UsageError) -> str:
+    """The problem a usage error reports. An unknown option gets rlchat's own hint instead of click's "did you
+    mean" (which offers --logging-steps for --learning-rate): the rlchat name of a TRL/transformers argument
+    (config.TRL_NAMES), the flag spelled with '-' for '_', or a close flag name."""
+    from rlchat.config import name_hint
+
+    if not isinstance(err, NoSuchOption) or err.ctx is None:
+        return err.format_message().rstrip(".")
+    flags = {}  # "max_steps" -> "--max-steps", for every long option of the command
+    for param in err.ctx.command.params:
+        for opt in list(getattr(param, "opts", [])) + list(getattr(param, "secondary_opts", [])):
+            if opt.startswith("--"):
+                flags[opt[2:].replace("-", "_")] = opt
+    hint = name_hint(err.option_name, list(flags), spell=lambda name: flags[name])
+    return f"no such option {err.option_name}" + (f" ({hint})" if hint else "")
+
+
+def _raise_terminated(signum, frame):
+    from rlchat.errors import Terminated
+
+    raise Terminated()
+
+
+def on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill PID`) raises errors.Terminated in the main thread, so a stage ends the way
+    Ctrl-C ends it: marked "interrupted", the `interrupted:` line printed, exit 143. Left alone when another handler
+    is installed already (a test harness, an embedding program)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):
+        pass
 
 
 app = typer.Typer(
@@ -105,7 +177,10 @@ def fail(err: RlchatError) -> typing.NoReturn:
 
     from rlchat.progress import console
 
-    console.print(f"[bold red]error:[/] {escape(err.one_line())}", soft_wrap=True, highlight=False)
+    lines = err.lines()  # one line; a ConfigError with several problems: a head and one line per problem
+    console.print(f"[bold red]error:[/] {escape(lines[0])}", soft_wrap=True, highlight=False)
+    for line in lines[1:]:
+        console.print(escape(line), soft_wrap=True, highlight=False)
     raise typer.Exit(err.exit_code)
 
 
@@ -146,8 +221,26 @@ def _run_options() -> list[inspect.Parameter]:
     ]
 
 
+def _default_text(f: dataclasses.Field) -> str | None:
+    """A config field's default as --help shows it ("0.0002", "all-linear", "no-full"); None (nothing shown) for
+    None defaults, whose meaning the help text says ("None = the run's SFT model")."""
+    default = f.default
+    if default is None or default is dataclasses.MISSING:
+        return None
+    if isinstance(default, bool):
+        flag = f.name.replace("_", "-")
+        return flag if default else f"no-{flag}"
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default))
+    return str(default)
+
+
 def _field_options(cls) -> list[inspect.Parameter]:
     """One option per field of the stage's config dataclass (help text and default from the field)."""
+    from rich.markup import escape
+
     from rlchat.config import TrainConfig
 
     hints = typing.get_type_hints(cls)
@@ -159,10 +252,15 @@ def _field_options(cls) -> list[inspect.Parameter]:
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if typ is bool else [flag]
         panel = "Run" if f.name in ("run_dir", "overwrite") else (
             "Common training options" if f.name in common else "Stage options")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
-            help_text += f" [default: {default}]"
+        # the option's own default stays None ("not given"), so that only explicit flags override a recipe; --help
+        # shows the dataclass default instead, styled as typer shows the other commands' defaults
+        help_text = escape(f.metadata.get("help", ""))
+        choices = f.metadata.get("choices")
+        if choices and not all(re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", help_text) for c in choices):
+            help_text += f" (one of: {', '.join(choices)})"
+        shown = _default_text(f)
+        if shown is not None:
+            help_text += f" [dim]\\[default: {escape(shown)}][/dim]"
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
             annotation=Annotated[Optional[typ], typer.Option(*decls, help=help_text, rich_help_panel=panel,
@@ -186,6 +284,11 @@ def _stage_command(stage: str):
         overrides = {key: value for key, value in kwargs.items() if value is not None}
         from rlchat import launch
 
+        if num_processes is not None and not 1 <= num_processes <= 1024:
+            from rlchat.errors import ConfigError
+
+            fail(ConfigError(f"--num-processes must be between 1 and 1024, got {num_processes}",
+                             "pass the number of processes to start (usually the number of GPUs)"))
         if not dry_run and launch.should_relaunch(num_processes, accelerate_config):
             argv = stage_argv(name, recipe, overrides, json_out)
             try:
@@ -248,7 +351,7 @@ def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json
 
         # multi-process: every process hits the same validation errors; the main one reports them (or hands
         # them to the re-launching parent), the others exit quietly unless their error is their own (memory)
-        if launch.report_child_error(err.one_line()):
+        if launch.report_child_error("\n".join(err.lines())):
             raise typer.Exit(err.exit_code)
         if not dist.is_main():
             if "OutOfMemory" in type(err).__name__:  # this process's own problem: say which process it was
@@ -279,7 +382,6 @@ def status(
     """Show the stages of a run directory: status, key metric, wall time."""
     from rich.table import Table
 
-    from rlchat.progress import console
     from rlchat.rundir import RunDir
     from rlchat.status import summary_rows
 
@@ -299,7 +401,11 @@ def status(
         table.add_column(col)
     for row in summary_rows(manifest):
         table.add_row(*[str(x) for x in row])
-    console.print(table)
+    # the table is the command's output: stdout (so `rlchat status RUN > s.txt` keeps it); messages stay on
+    # stderr. Redirected, it is not cut to 80 columns (rich's default width without a terminal).
+    from rich.console import Console
+
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command("plan", epilog="Example: rlchat plan recipes/qwen2.5-0.5b-instruct-rlhf.yaml")
@@ -353,27 +459,25 @@ def score_cmd(
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
     out: Annotated[Path, typer.Argument(help="Directory for the standalone model (new or empty).")],
-    stage: Annotated[str, typer.Option(help="Which policy: ppo (SFT and PPO adapters merged) or sft.")] = "ppo",
+    stage: Annotated[str, typer.Option(help="Which policy: ppo (SFT and PPO adapters merged), ppo-best (the best "
+                                            "held-out checkpoint of ppo --eval-every) or sft.")] = "ppo",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT (swapped in only once complete).")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
 ):
     """Merge a stage's LoRA adapters into the base and write a standalone model + tokenizer (safetensors) that
     AutoModelForCausalLM.from_pretrained, vLLM and TGI load."""
-    from rlchat.progress import console
-
     try:
         from rlchat.export import export
 
-        path = export(run_dir, stage, out, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        export(run_dir, stage, out, overwrite=overwrite, trust_remote_code=trust_remote_code)  # prints its summary
     except RlchatError as err:
         fail(err)
-    console.print(f"[bold green]export:[/] {stage} policy merged and written to {path}")
 
 
 @app.command("chat", epilog='Example: rlchat chat runs/demo --stage ppo --prompt "Tell me about the red apple."')
 def chat_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
-    stage: Annotated[str, typer.Option(help="Which policy: ppo or sft.")] = "ppo",
+    stage: Annotated[str, typer.Option(help="Which policy: ppo, ppo-best (ppo --eval-every's best) or sft.")] = "ppo",
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (else interactive).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
@@ -424,6 +528,9 @@ def new_model(
     from rlchat.progress import console
 
     try:
+        from rlchat.rundir import check_output_path
+
+        check_output_path(out, "OUT")
         if out.exists() and not out.is_dir():
             raise RlchatError(f"{out} exists and is a file", "choose a directory path for the model")
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -455,6 +562,9 @@ def demo_data(
     from rlchat.progress import console
 
     try:
+        from rlchat.rundir import check_output_path
+
+        check_output_path(out, "OUT")
         if out.exists() and not out.is_dir():
             raise RlchatError(f"{out} exists and is a file", "choose a directory path for the demo data")
         try:
@@ -486,9 +596,11 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # between click's handlers (at start-up or exit)
+        from rlchat.errors import INTERRUPTED, interrupt_exit_code
+
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(interrupt_exit_code(err))
 
 
 if __name__ == "__main__":

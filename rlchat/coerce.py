@@ -7,6 +7,7 @@ Used by rlchat/config.py::resolve. Importing it is cheap (standard library only)
 """
 from __future__ import annotations
 
+import math
 import os
 import types
 import typing
@@ -39,11 +40,13 @@ def _to_int(v):
         raise BadValue("an integer")
     if isinstance(v, int):
         return v
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v.strip())  # exact, however long (config validation bounds it)
     try:
         x = float(v.strip()) if isinstance(v, str) else float(v) if isinstance(v, float) else None
     except ValueError:
         x = None
-    if x is not None and x.is_integer():
+    if x is not None and math.isfinite(x) and x.is_integer():
         return int(x)
     raise BadValue("an integer")
 
@@ -51,14 +54,23 @@ def _to_int(v):
 def _to_float(v):
     if isinstance(v, bool):
         raise BadValue("a number")
+    x = None
     if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
         try:
-            return float(v.strip())  # YAML reads 1e-4 (no dot) as a string
+            x = float(v)
+        except OverflowError:  # an int too large for a float
+            x = math.inf
+    elif isinstance(v, str):
+        try:
+            x = float(v.strip())  # YAML reads 1e-4 (no dot) as a string
         except ValueError:
             pass
-    raise BadValue("a number")
+    # inf and nan are never a setting: `--epochs inf` overflowed inside the Trainer, `--lr inf` trained to NaN
+    if x is None:
+        raise BadValue("a number")
+    if not math.isfinite(x):
+        raise BadValue("a finite number")
+    return x
 
 
 def _to_str(v):

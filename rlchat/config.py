@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,12 +31,67 @@ from rlchat.coerce import BadValue, coerce
 from rlchat.errors import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
-EVAL_POLICIES = ("base", "sft", "ppo")
+# Bounds every numeric field has unless its own rules set an upper bound: beyond them a value is a typo (or an
+# attack) that would overflow inside torch/numpy (int32/int64 indices, float overflow to inf) instead of being refused.
+INT_LIMIT = 2**31 - 1
+FLOAT_LIMIT = 1e6
+SEED_MAX = 2**32 - 1  # numpy's seed range
+EVAL_POLICIES = ("base", "sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best (ppo --eval-every)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# transformers' SchedulerType values that need no extra arguments (get_scheduler builds each from the warmup and
+# the total number of optimizer steps)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+# the command that runs each stage (for "see `rlchat train-reward --help`")
+STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval"}
+
+# TRL / transformers argument names -> (rlchat's name, or None when there is no single counterpart; a note).
+# rlchat refuses these names rather than accepting them as aliases: one name per setting keeps the recipe, the
+# resolved config.yaml, --help and the resume checks unambiguous (no rule needed for `lr` and `learning_rate`
+# both given), and several TRL names do not mean quite the same thing here (use_peft's default is the opposite;
+# bf16 is mixed precision in TRL, a loading dtype here; output_dir is one stage's folder, run_dir the whole run).
+# The error names the rlchat spelling exactly, for every such key of a recipe at once.
+TRL_NAMES: dict[str, tuple[str | None, str]] = {
+    "learning_rate": ("lr", ""),
+    "per_device_train_batch_size": ("batch_size", ""),
+    "per_device_eval_batch_size": ("batch_size", "one batch size serves training and evaluation"),
+    "train_batch_size": ("batch_size", ""),
+    "gradient_accumulation_steps": ("grad_accum", ""),
+    "num_train_epochs": ("epochs", ""),
+    "model_name_or_path": ("model", ""),
+    "sft_model_path": ("model", "None = the run's SFT model"),
+    "reward_model_path": ("reward_model", ""),
+    "output_dir": ("run_dir", "the run directory holds every stage; each writes RUN/<stage>/"),
+    "overwrite_output_dir": ("overwrite", ""),
+    "dataset_name": ("dataset", ""),
+    "dataset_config_name": ("dataset_config", ""),
+    "dataset_train_split": ("split", ""),
+    "dataset_test_split": ("eval_split", ""),
+    "max_seq_length": ("max_length", ""),
+    "torch_dtype": ("dtype", ""),
+    "model_dtype": ("dtype", ""),
+    "bf16": ("dtype", "as dtype bfloat16; auto already picks it on a GPU that supports it"),
+    "fp16": ("dtype", "as dtype float16"),
+    "lr_scheduler_type": ("lr_scheduler", ""),
+    "eval_strategy": ("eval_steps", "evaluation runs every eval_steps steps, else after each epoch"),
+    "evaluation_strategy": ("eval_steps", "evaluation runs every eval_steps steps, else after each epoch"),
+    "save_strategy": ("save_steps", ""),
+    "test_split_size": ("eval_fraction", ""),
+    "num_ppo_epochs": ("ppo_epochs", ""),
+    "num_mini_batches": ("mini_batches", ""),
+    "total_episodes": ("episodes", ""),
+    "center_rewards_coefficient": ("center_rewards_coef", ""),
+    "use_peft": (None, "LoRA is rlchat's default; full trains all weights instead"),
+    "resume_from_checkpoint": (None, "rerun the same command: a stage resumes from its newest complete checkpoint"),
+    "push_to_hub": (None, "`rlchat export RUN OUT` writes a standalone model; upload OUT with `hf upload`"),
+}
 
 
 def _f(default, help: str, **rules):
     """A dataclass field with its help text and the rules validate() checks (gt, ge, lt, le, choices, required,
-    allow: extra values accepted besides the range, e.g. -1 for "no limit")."""
+    allow: extra values accepted besides the range, e.g. -1 for "no limit"; max: the largest sane magnitude, in place
+    of INT_LIMIT / FLOAT_LIMIT, which every number without an upper bound gets). Numbers must be finite."""
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -52,6 +108,8 @@ def _like(cls, name: str, default=dataclasses.MISSING, help: str | None = None):
 
 
 def _num(x) -> str:
+    if isinstance(x, int) and abs(x) > 10**12:
+        return f"{x:.3g}"  # a 300-digit integer is not worth printing in full
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
@@ -89,6 +147,16 @@ def _check_field(f: dataclasses.Field, v) -> str | None:
             close = difflib.get_close_matches(str(bad[0]), choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             return f"{name} must be one of {', '.join(choices)}, got {bad[0]!r}{hint}"
+    if _is_number(v):
+        # every number must be finite and of a sane size, whatever the field's own range says (nan passes no
+        # comparison, so a range alone would let it through on fields with only an upper or no bound)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{name} must be a finite number, got {v}"
+        if "le" not in meta and "lt" not in meta:
+            limit = meta.get("max", FLOAT_LIMIT if isinstance(v, float) else INT_LIMIT)
+            if abs(v) > limit:
+                bound = f"at most {_num(limit)}" if v > 0 else f"at least {_num(-limit)}"
+                return f"{name} must be {bound}, got {_num(v)}"
     rng = _range_text(meta)
     if rng:
         allow = meta.get("allow", ())
@@ -136,11 +204,27 @@ class RunConfig(_Validated):
                                    "Hugging Face Hub id")
     split: str = _f("train", "dataset split to read")
     dataset_config: str | None = _f(None, "dataset configuration (subset) name, for Hub datasets that have several")
-    seed: int = _f(42, "random seed (data split, initialization, sampling)")
+    seed: int = _f(42, "random seed (data split, initialization, sampling)", ge=0, le=SEED_MAX)
     trust_remote_code: bool = _f(False, "allow custom code from the model repository to run; only for models you "
                                         "trust")
+    dtype: str = _f("auto", "dtype the model weights are loaded in: auto = bfloat16 on a GPU that supports it, "
+                            "else float32", choices=DTYPES)
+    attn_implementation: str | None = _f(None, "attention kernel passed to from_pretrained (flash_attention_2 "
+                                               "needs the flash-attn package and a GPU); None = transformers' "
+                                               "choice", choices=ATTN_IMPLEMENTATIONS)
     overwrite: bool = _f(False, "redo this stage although it already finished; deletes its previous outputs "
                                 "(RUN/<stage>/) first")
+
+    def _cross_checks(self, bad: set[str]) -> list[str]:
+        from rlchat.data import parse_mixture
+
+        if "dataset" in bad or not self.dataset:
+            return []
+        try:
+            parse_mixture(self.dataset)
+        except ValueError as err:
+            return [f"dataset {self.dataset!r}: {err}"]
+        return []
 
 
 @dataclass
@@ -150,10 +234,18 @@ class TrainConfig(RunConfig):
     model: str | None = _f(None, "base model: a Hugging Face Hub id or a local directory")
     eval_fraction: float = _f(0.1, "fraction of the dataset held out for evaluation; 0 = no evaluation",
                               ge=0, lt=1)
+    eval_split: str | None = _f(None, "evaluate on this split of the dataset (e.g. test) instead of holding out "
+                                      "eval_fraction of the training split")
     epochs: float = _f(1.0, "passes over the training data (fractions allowed)", gt=0)
     max_steps: int = _f(-1, "stop after this many optimizer steps, overriding epochs; -1 = no limit",
                         gt=0, allow=(-1,), allow_help=" (no limit)")
-    lr: float = _f(1e-4, "peak learning rate (AdamW, linear decay)", gt=0)
+    lr: float = _f(1e-4, "peak learning rate (AdamW; its schedule is lr_scheduler)", gt=0, max=1.0)
+    lr_scheduler: str = _f("linear", "learning-rate schedule after the warmup (transformers' names); linear decays "
+                                     "to 0", choices=LR_SCHEDULERS)
+    warmup_ratio: float = _f(0.0, "fraction of the optimizer steps over which the learning rate rises linearly "
+                                  "from 0 to lr", ge=0, lt=1)
+    warmup_steps: int = _f(0, "optimizer steps of linear warmup, instead of warmup_ratio", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norm weights)", ge=0)
     batch_size: int = _f(8, "examples per device per forward pass", gt=0)
     grad_accum: int = _f(1, "gradient accumulation steps; the effective batch is batch_size x grad_accum x devices",
                          gt=0)
@@ -170,6 +262,29 @@ class TrainConfig(RunConfig):
     eval_steps: int | None = _f(None, "evaluate every N optimizer steps; None = at the end of each epoch", gt=0)
     save_steps: int = _f(100, "save a resumable checkpoint every N optimizer steps", gt=0)
     gradient_checkpointing: bool = _f(False, "recompute activations during the backward pass: less memory, slower")
+
+    def _cross_checks(self, bad: set[str]) -> list[str]:
+        out = super()._cross_checks(bad) + _training_problems(self, bad)
+        if self.eval_split is not None and self.eval_split == self.split:
+            out.append(f"eval_split '{self.eval_split}' is also the training split (split): evaluating on the "
+                       f"training rows measures nothing; name another split, or drop eval_split to hold out "
+                       f"eval_fraction of it")
+        return out
+
+
+def _training_problems(cfg, bad: set[str]) -> list[str]:
+    """Rules of the optimizer settings every training stage has (sft, reward, ppo)."""
+    out = []
+    warmup = not bad & {"warmup_ratio", "warmup_steps"} and (cfg.warmup_ratio > 0 or cfg.warmup_steps > 0)
+    if warmup and cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
+        out.append(f"warmup_ratio ({_num(cfg.warmup_ratio)}) and warmup_steps ({cfg.warmup_steps}) are both set; "
+                   f"give one of them")
+    if warmup and "lr_scheduler" not in bad and cfg.lr_scheduler == "constant":
+        out.append("lr_scheduler 'constant' has no warmup: use 'constant_with_warmup', or drop the warmup")
+    if "dtype" not in bad and cfg.dtype == "float16" and cfg.full:
+        out.append("full fine-tuning in dtype float16 updates float16 weights with no float32 copy (small updates "
+                   "round to nothing): use bfloat16 or float32, or LoRA (drop full)")
+    return out
 
 
 @dataclass
@@ -209,6 +324,12 @@ class PPOConfig(RunConfig):
     model: str | None = _f(None, "starting policy: None = the run's SFT model; or a Hub id / local directory")
     report_to: str = _like(TrainConfig, "report_to")
     lr: float = _like(TrainConfig, "lr", 5e-5)
+    lr_scheduler: str = _like(TrainConfig, "lr_scheduler", help="learning-rate schedule over the optimizer steps "
+                              "(ppo_epochs x mini_batches per PPO step) after the warmup; linear decays to 0")
+    warmup_ratio: float = _like(TrainConfig, "warmup_ratio")
+    warmup_steps: int = _like(TrainConfig, "warmup_steps")
+    weight_decay: float = _like(TrainConfig, "weight_decay", 0.01, help="AdamW weight decay on the trained weights "
+                                "(adapters, value head)")
     episodes: int = _f(1024, "total rollouts (prompt + generated response) to train on", gt=0)
     batch_size: int = _f(16, "rollouts generated per PPO step", gt=0)
     mini_batches: int = _f(1, "optimizer steps per PPO epoch: each batch of rollouts is split into this many "
@@ -256,11 +377,22 @@ class PPOConfig(RunConfig):
                           choices=("adapter", "policy"))
     save_every: int = _f(20, "save a resumable checkpoint every N PPO steps", gt=0)
     sample_every: int = _f(10, "write sample responses to samples.jsonl every N PPO steps", gt=0)
+    eval_every: int = _f(0, "every N PPO steps (and at the last), score the policy on held-out prompts (sampled at "
+                            "the PPO temperature) with the reward model and --judge, log heldout/* metrics and keep "
+                            "the best policy as RUN/ppo/best/; 0 = off", ge=0)
+    eval_dataset: str | None = _f(None, "held-out prompts for --eval-every; None = hold out eval_fraction of "
+                                        "--dataset (not trained on)")
+    eval_fraction: float = _f(0.1, "with --eval-every and no --eval-dataset: fraction of the prompts held out",
+                              gt=0, lt=1)
+    eval_prompts: int = _f(64, "with --eval-every: at most this many held-out prompts per evaluation", gt=0)
+    judge: str | None = _f(None, "with --eval-every: a Python judge 'module:function' or 'path/file.py:function' "
+                                 "(as `rlchat eval --judge`); the best checkpoint is chosen by it, else by the "
+                                 "held-out reward")
     logging_steps: int = _like(TrainConfig, "logging_steps", 1, help="log metrics every N PPO steps")
     gradient_checkpointing: bool = _like(TrainConfig, "gradient_checkpointing")
 
     def _cross_checks(self, bad: set[str]) -> list[str]:
-        out = []
+        out = super()._cross_checks(bad) + _training_problems(self, bad)
         if bad & {"batch_size", "mini_batches", "grad_accum", "episodes"}:
             pass
         elif self.batch_size % self.mini_batches:
@@ -286,6 +418,11 @@ class PPOConfig(RunConfig):
         if "value_model" not in bad and self.value_model == "policy" and (self.separate_models or self.full):
             out.append("value_model 'policy' (a shared critic) needs the shared base: drop separate_models / full, "
                        "or use value_model 'adapter'")
+        if "eval_every" not in bad and not self.eval_every and (self.eval_dataset or self.judge):
+            given = " and ".join(k for k in ("eval_dataset", "judge") if getattr(self, k))
+            out.append(f"{given} is only used with held-out evaluation: set eval_every (e.g. 10), or drop {given}")
+        if self.judge is not None and ":" not in self.judge:
+            out.append(f"judge must look like 'module:function' or 'path/file.py:function', got {self.judge!r}")
         return out
 
 
@@ -303,6 +440,8 @@ class EvalConfig(RunConfig):
     temperature: float = _f(0.0, "sampling temperature; 0 = greedy decoding", ge=0)
     top_p: float = _f(1.0, "nucleus sampling; 1 = off", gt=0, le=1)
     batch_size: int = _f(16, "prompts generated per batch", gt=0)
+    kl_samples: int = _f(4, "responses sampled per prompt from each policy (at the PPO sampling temperature) to "
+                            "estimate its KL to the SFT policy, with a standard error", gt=0)
     policies: list[str] | None = _f(None, f"policies to compare, comma-separated from {', '.join(EVAL_POLICIES)}; "
                                           f"None = every one the run has", choices=EVAL_POLICIES)
 
@@ -352,15 +491,37 @@ def load_recipe(path: str | Path) -> dict:
     return {str(k): v for k, v in data.items()}
 
 
-def _unknown_key(key: str, where: str, valid: list[str], listed: set[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+def name_hint(given: str, valid: list[str], spell=lambda name: f"'{name}'") -> str | None:
+    """What to tell a user who wrote the unknown key or flag `given` (a recipe key, or a flag: dashes and
+    underscores are the same here) when the valid names are `valid`: TRL's name for an rlchat setting (TRL_NAMES),
+    the valid name spelled with '_' for '-' (or back), or a close match. None when nothing is close: a far-fetched
+    "did you mean" (--dtype -> --dataset) misleads more than none. `spell` writes a valid name as the user would
+    type it ("'lr'" in a recipe, "--lr" on the command line)."""
+    key = given.lstrip("-").replace("-", "_")
+    if key in TRL_NAMES:
+        target, note = TRL_NAMES[key]
+        if target is None:
+            return f"TRL's {key} has no counterpart in rlchat: {note}"
+        if target in valid:
+            return f"did you mean {spell(target)}? rlchat's name for TRL's {key}" + (f"; {note}" if note else "")
+        return f"TRL's {key} is {target} in rlchat, which this command does not have"
+    if key in valid:
+        return f"did you mean {spell(key)}?"
+    candidates = {name: name for name in valid}
+    candidates.update({alias: target for alias, (target, _) in TRL_NAMES.items() if target in valid})
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.75)
+    return f"did you mean {spell(candidates[close[0]])}?" if close else None
+
+
+def _unknown_key(key: str, where: str, valid: list[str], command: str) -> str:
+    """The problem of an unknown recipe key: with a hint (name_hint), else the few nearest valid keys (the full
+    list is `--help`'s job: 60 names in an error message hide the problem)."""
     msg = f"unknown key '{key}' in {where}"
-    if close:
-        msg += f" (did you mean '{close[0]}'?)"
-    if where not in listed:  # list the valid keys once per place
-        listed.add(where)
-        msg += f"; valid keys there: {', '.join(sorted(valid))}"
-    return msg
+    hint = name_hint(key, valid)
+    if hint:
+        return f"{msg} ({hint})"
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0)
+    return f"{msg}; the nearest keys there: {', '.join(near)} (every key: `{command} --help`)"
 
 
 # Top-level recipe keys that apply to some stages only. `model` is the pipeline's base model: sft starts from it;
@@ -379,7 +540,7 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
     hints = typing.get_type_hints(stage_cls)
     names = [f.name for f in fields(stage_cls)]
     problems: list[str] = []
-    listed: set[str] = set()
+    command = f"rlchat {STAGE_COMMAND.get(stage, stage)}"
     given: dict[str, tuple[Any, str]] = {}  # key -> (raw value, where it came from)
 
     if recipe is not None:
@@ -392,7 +553,7 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
             if key in names and stage in TOP_LEVEL_ONLY_FOR.get(key, (stage,)):
                 given[key] = (val, top)
             elif key not in all_keys:
-                problems.append(_unknown_key(key, top, all_keys + list(STAGE_CONFIGS), listed))
+                problems.append(_unknown_key(key, top, all_keys + list(STAGE_CONFIGS), command))
         for section, cls in STAGE_CONFIGS.items():
             body = data.get(section)
             if body is None:
@@ -406,7 +567,7 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
             for key, val in body.items():
                 key = str(key)
                 if key not in valid:
-                    problems.append(_unknown_key(key, where, valid, listed))
+                    problems.append(_unknown_key(key, where, valid, f"rlchat {STAGE_COMMAND[section]}"))
                 elif section == stage:
                     given[key] = (val, where)
 
@@ -414,7 +575,7 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
         if val is None:
             continue
         if key not in names:
-            problems.append(_unknown_key(key, "the command line", names, listed))
+            problems.append(_unknown_key(key, "the command line", names, command))
         else:
             given[key] = (val, "the command line")
 
@@ -431,7 +592,8 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
             problem += f" (in {given[key][1]})"
         problems.append(problem)
     if problems:
-        raise ConfigError(problems, "fix the keys and values listed; --help describes every option")
+        raise ConfigError(problems, f"correct the keys and values listed; `{command} --help` describes every option",
+                          subject=f"the {stage} config")
     return cfg
 
 

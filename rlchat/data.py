@@ -6,7 +6,9 @@ A dataset spec is one of:
   ``.parquet`` or ``.csv``. A single file is one split, ``train``;
 - a ``Dataset.save_to_disk`` directory (one split) or ``DatasetDict.save_to_disk`` directory (pick ``split``);
 - any other local directory is handed to ``datasets.load_dataset`` (a cloned Hub dataset repo, a folder of files);
-- a Hub dataset id (``trl-lib/tldr``), loaded with ``datasets.load_dataset(spec, config, split=split)``.
+- a Hub dataset id (``trl-lib/tldr``), loaded with ``datasets.load_dataset(spec, config, split=split)``;
+- a mixture of the above, comma-separated: ``a.jsonl,b.jsonl`` (all rows) or ``a.jsonl:0.3,b.jsonl:0.7`` (each
+  input's share of the mixture, as TRL's dataset_mixture ``fraction``); see ``parse_mixture`` and ``_load_mixture``.
 
 Local files are read into memory (no cache files are written next to them, and a ``save_to_disk`` directory is
 loaded with ``keep_in_memory=True`` so later ``.map()`` calls never write cache files into the user's folder).
@@ -49,7 +51,6 @@ _PREFERENCE_HELP = ("'prompt' + 'chosen' + 'rejected' (explicit prompt) or 'chos
                     "as strings or lists of {role, content}")
 _PROMPT_HELP = "'prompt' (a string or a list of {role, content}), 'messages' or 'text'"
 # Rows checked for value types: enough to catch a wrong column, cheap on a large dataset.
-_ROWS_CHECKED = 8
 # A Hub repo id: "name" or "owner/name" (huggingface_hub.utils.validate_repo_id, simplified).
 _HUB_ID = re.compile(r"^[\w][\w.-]*(/[\w][\w.-]*)?$")
 
@@ -72,8 +73,47 @@ def looks_like_path(spec: str, extensions: tuple[str, ...] = SUPPORTED_EXTENSION
     return _HUB_ID.match(spec) is None
 
 
+# Rows a weighted mixture draws from each input are a seeded random subset, fixed by the spec (not by --seed), so
+# the same spec always means the same rows (the manifest records the spec and every input's hash).
+MIXTURE_SEED = 0
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float | None]]:
+    """The inputs of a dataset spec: [(spec, None)] for one dataset; for a mixture `a.jsonl,b.jsonl` (all rows of
+    each, concatenated) or `a.jsonl:0.3,b.jsonl:0.7` (weights: each input's share of the mixture, as TRL's
+    dataset_mixture `fraction`), one (spec, weight or None) per input. ValueError says what is wrong."""
+    spec = str(spec)
+    if "," not in spec or Path(spec).expanduser().exists():
+        return [(spec, None)]
+    parts = []
+    for raw in spec.split(","):
+        raw = raw.strip()
+        if not raw:
+            raise ValueError("a mixture lists datasets separated by commas, with no empty entries")
+        name, sep, tail = raw.rpartition(":")
+        weight = None
+        if sep and name and not Path(raw).expanduser().exists():
+            try:
+                weight = float(tail)
+            except ValueError:
+                name = raw  # a ':' that is part of the name
+            else:
+                if not weight > 0 or weight != weight or weight == float("inf"):
+                    raise ValueError(f"the weight of {name} must be a number > 0, got {tail}")
+        parts.append((name if weight is not None else raw, weight))
+    weighted = [w is not None for _, w in parts]
+    if any(weighted) and not all(weighted):
+        raise ValueError("give a weight to every dataset of the mixture (a.jsonl:0.3,b.jsonl:0.7) or to none "
+                         "(all rows of each)")
+    names = [n for n, _ in parts]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"{dup} is listed twice")
+    return parts
+
+
 def load_any(spec: str, split: str | None = "train", config: str | None = None) -> "datasets.Dataset":
-    """Load a local file, a save_to_disk directory or a Hub dataset as one `datasets.Dataset`.
+    """Load a local file, a save_to_disk directory, a Hub dataset or a mixture of them as one `datasets.Dataset`.
 
     `split` picks a split of a DatasetDict directory or Hub dataset; a single file or a saved Dataset is one split
     named "train" (a saved Dataset also answers to the split it was saved from), and asking it for another split
@@ -82,6 +122,13 @@ def load_any(spec: str, split: str | None = "train", config: str | None = None) 
     dataset or a Hub failure.
     """
     spec = str(spec)
+    try:
+        parts = parse_mixture(spec)
+    except ValueError as err:
+        raise DataError(f"dataset mixture {spec!r}: {err}", "write it as a.jsonl,b.jsonl or a.jsonl:0.3,b.jsonl:0.7"
+                        ) from None
+    if len(parts) > 1:
+        return _load_mixture(spec, parts, split, config)
     path = Path(spec).expanduser()
     if path.is_dir():
         ds = _load_directory(spec, path, split, config)
@@ -98,6 +145,34 @@ def load_any(spec: str, split: str | None = "train", config: str | None = None) 
         where = f"split '{split}' of {spec}" if split and not path.is_file() else spec
         raise DataError(f"dataset {where} has no rows", "check that the file or split holds examples")
     return ds
+
+
+def _load_mixture(spec: str, parts: list[tuple[str, float | None]], split: str | None,
+                  config: str | None) -> "datasets.Dataset":
+    """The inputs of a mixture concatenated: all rows of each, or (weights) each input's share of the mixture, as
+    large as it can be without repeating rows (the input with the fewest rows per unit of weight is used whole)."""
+    import datasets
+
+    loaded = [load_any(name, split=split, config=config) for name, _ in parts]
+    common = set(loaded[0].column_names).intersection(*[set(d.column_names) for d in loaded[1:]])
+    if not common:
+        listing = "; ".join(f"{name} has {', '.join(d.column_names)}" for (name, _), d in zip(parts, loaded))
+        raise DataError(f"the datasets of mixture {spec!r} share no column ({listing})",
+                        "mix datasets of the same format")
+    # keep the columns every input has (an extra `id` column in one file must not stop the mixture), in the
+    # first input's order
+    loaded = [d.select_columns([c for c in loaded[0].column_names if c in common]) for d in loaded]
+    if parts[0][1] is not None:
+        weights = [w / sum(w for _, w in parts) for _, w in parts]
+        total = min(len(d) / w for d, w in zip(loaded, weights))
+        loaded = [d.shuffle(seed=MIXTURE_SEED, keep_in_memory=True).select(range(max(1, round(w * total))))
+                  for d, w in zip(loaded, weights)]
+    try:
+        return datasets.concatenate_datasets(loaded)
+    except ValueError as err:  # the same column with different types (a string in one, messages in another)
+        raise DataError(f"the datasets of mixture {spec!r} do not fit together: {first_line(err)[:300]}",
+                        "mix datasets of the same format (the same columns with the same kinds of values)"
+                        ) from None
 
 
 def _load_file(spec: str, path: Path) -> "datasets.Dataset":
@@ -315,9 +390,11 @@ def detect_prompt_column(ds: "datasets.Dataset", name: str | None = None) -> str
 
 
 def _check_rows(ds: "datasets.Dataset", name: str | None, columns: list[str], kind: str) -> None:
-    """Check the first rows: kind "string", "messages", or "either" (all columns strings, or all message lists)."""
-    for i in range(min(len(ds), _ROWS_CHECKED)):
-        row = ds[i]
+    """Check every row: kind "string", "messages", or "either" (all columns strings, or all message lists).
+
+    Every row, not a sample: a bad row 9,000 rows in would otherwise fail inside TRL after the stage began. Read in
+    batches of columns (a row at a time is ~50x slower in `datasets`)."""
+    for i, row in enumerate(_rows(ds, columns)):
         kinds = []
         for column in columns:
             value = row[column]
@@ -339,6 +416,18 @@ def _check_rows(ds: "datasets.Dataset", name: str | None, columns: list[str], ki
             mixed = ", ".join(f"'{c}' is {'a string' if k == 'string' else 'messages'}" for c, k in zip(columns, kinds))
             raise DataError(f"row {i} of {_name(name)}mixes plain text and messages ({mixed})",
                             "make these columns all strings or all lists of {role, content}")
+
+
+def _rows(ds, columns: list[str], batch: int = 1024):
+    """The rows of `ds` (only `columns`) as dicts, read a batch at a time."""
+    if isinstance(ds, list):
+        yield from ds
+        return
+    ds = ds.select_columns(columns)
+    for start in range(0, len(ds), batch):
+        part = ds[start:start + batch]
+        for j in range(len(part[columns[0]])):
+            yield {c: part[c][j] for c in columns}
 
 
 def _help_for(columns: list[str]) -> str:
@@ -390,6 +479,17 @@ def _content_text(content: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- split, describe
+
+
+def load_eval_split(spec: str, eval_split: str, config: str | None = None) -> "datasets.Dataset":
+    """The held-out split `eval_split` of the dataset `spec` (--eval-split: e.g. a Hub dataset's `test`); a
+    DataError that names eval_split when the dataset does not have it."""
+    try:
+        return load_any(spec, split=eval_split, config=config)
+    except DataError as err:
+        raise DataError(f"eval_split: {err.problem}", "name a split the dataset has (a single file or a saved "
+                        "Dataset has only 'train': hold out a fraction of it with eval_fraction instead, and drop "
+                        "eval_split)") from None
 
 
 def split_eval(ds: "datasets.Dataset", fraction: float, seed: int) -> tuple["datasets.Dataset", "datasets.Dataset | None"]:

@@ -16,14 +16,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from rlchat.errors import RlchatError, RunDirError
 
-EXPORT_STAGES = ("sft", "ppo")
-CHAT_COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+EXPORT_STAGES = ("sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
+CHAT_COMMANDS = "/help lists the commands, /reset starts a new conversation, /exit (or Ctrl-D) quits"
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -38,7 +40,7 @@ def check_stage(run_dir, stage: str):
     run = RunDir(run_dir)
     if not run.exists():
         raise RunDirError(f"no run at {run.path} (no run.json)", "pass the --run-dir you trained in")
-    rec = run.record(stage)
+    rec = run.record("ppo" if stage == "ppo-best" else stage)
     if not rec or rec.get("status") != "done":
         status = rec.get("status") if rec else "not run"
         other = [s for s in EXPORT_STAGES if s != stage and (run.record(s) or {}).get("status") == "done"]
@@ -46,6 +48,9 @@ def check_stage(run_dir, stage: str):
                (f", or use --stage {other[0]}" if other else ""))
         raise RunDirError(f"stage '{stage}' in {run.path} is {status}, so it has no policy to use", fix)
     run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
+    if stage == "ppo-best" and not (rec.get("outputs") or {}).get("best"):
+        raise RunDirError(f"the ppo stage in {run.path} kept no best policy (it ran without --eval-every)",
+                          f"use --stage ppo, or rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`")
     return run
 
 
@@ -57,8 +62,8 @@ def load_policy(run_dir, stage: str = "ppo", merge: bool = True, trust_remote_co
 
     run = check_stage(run_dir, stage)
     model, tokenizer = load_sft_policy(run.path, trust_remote_code=trust_remote_code)
-    if stage == "ppo":
-        model, shared = load_ppo_policy(run, model, trust_remote_code)
+    if stage in ("ppo", "ppo-best"):
+        model, shared = load_ppo_policy(run, model, trust_remote_code, "best" if stage == "ppo-best" else "policy")
         if shared and merge:
             model = model.merge_and_unload()
     model.eval()
@@ -70,22 +75,40 @@ def load_policy(run_dir, stage: str = "ppo", merge: bool = True, trust_remote_co
 # -------------------------------------------------------------------------------------------------- export
 
 
-def _checkpoint_dtype(run, trust_remote_code: bool):
-    """The torch dtype the base checkpoint was saved in (config.dtype / torch_dtype), or None if unknown."""
+def checkpoint_dtype(spec: str, trust_remote_code: bool = False):
+    """The torch dtype the checkpoint `spec` was saved in (config.dtype / torch_dtype), or None if unknown."""
     import torch
-
-    from rlchat.run_models import base_model_spec
 
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(base_model_spec(run), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - only a preference; keep the loaded dtype
         return None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def remove_killed_exports(out: Path) -> list[str]:
+    """Delete the model-sized tmp directories (`.OUT.tmp-export-pid<PID>-*`) that exports to `out` killed before
+    their final rename left next to it; those of a live process (another export running now) are kept."""
+    from rlchat.progress import console
+    from rlchat.rundir import _pid_alive
+
+    removed = []
+    for p in Path(out).parent.glob(f".{Path(out).name}.tmp-export-pid*"):
+        m = re.search(r"\.tmp-export-pid(\d+)-", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    if removed:
+        console.print(f"[yellow]export: removed {len(removed)} unfinished export(s) a killed process left: "
+                      f"{', '.join(removed)}[/]", highlight=False)
+    return removed
 
 
 def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
@@ -98,9 +121,12 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
     from rlchat.run_models import sft_base_spec
     from rlchat.fileio import atomic_dir
 
+    from rlchat.rundir import check_output_path
+
     out = Path(out).expanduser()
     # 1. validate before loading anything
     run = check_stage(run_dir, stage)
+    check_output_path(out, "OUT")
     if out.exists():
         if not out.is_dir():
             raise RlchatError(f"{out} exists and is a file", "choose a new directory for the exported model")
@@ -114,11 +140,48 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
     from rlchat.progress import quiet_libraries
 
     quiet_libraries()
+    from rlchat.run_models import base_model_spec
+
     model, tokenizer = load_policy(run.path, stage, merge=True, trust_remote_code=trust_remote_code)
-    dtype = _checkpoint_dtype(run, trust_remote_code)
+    model = ready_to_serve(model, tokenizer, checkpoint_dtype(base_model_spec(run), trust_remote_code))
+
+    # 3. write atomically
+    remove_killed_exports(out)
+    with atomic_dir(out, tag=f"export-pid{os.getpid()}-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        rec = run.record(stage) or {}
+        info = {"run_dir": str(run.path.resolve()), "stage": stage,
+                "base_model": _merged_base(run, stage),
+                "sft_base_model": sft_base_spec(run.record("sft") or {}),
+                "stage_ended": rec.get("ended"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "adapters_merged": _merged_adapters(run, stage)}
+        (tmp / "rlchat_export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    console.print(f"[bold green]export:[/] {stage} policy of {run.path} merged and written to {out} "
+                  f"({time.time() - t0:.0f}s); load it with AutoModelForCausalLM.from_pretrained('{out}')",
+                  highlight=False, soft_wrap=True)
+    return out
+
+
+def _merged_base(run, stage: str) -> str | None:
+    """The model the exported stage's adapter was merged into: for ppo the SFT model (RUN/sft/merged or
+    RUN/sft/model; "RUN/sft" for older runs), or the --model PPO was given; for sft the model SFT started from."""
+    from rlchat.run_models import adapter_base_name, sft_base_spec
+
+    if stage == "sft":
+        return sft_base_spec(run.record("sft") or {})
+    outputs = (run.record("ppo") or {}).get("outputs") or {}
+    name = outputs.get("base") or "sft"
+    base = adapter_base_name(run, None if name == "sft" else name)
+    return str(run.path.resolve() / "sft") if base == "sft" else base
+
+
+def ready_to_serve(model, tokenizer, dtype=None):
+    """`model` in `dtype` (the checkpoint's: merging runs in the loaded precision), with the generation config
+    servers read: eos ends a reply, pad for batching (the chat template travels in the tokenizer)."""
     if dtype is not None and dtype != model.dtype:
         model = model.to(dtype)
-    # what servers read: eos ends a reply, pad for batching; the chat template travels in the tokenizer
     gen = model.generation_config
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     old = gen.eos_token_id
@@ -133,30 +196,16 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
     text_config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
         text_config.eos_token_id = tokenizer.eos_token_id
-
-    # 3. write atomically
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        rec = run.record(stage) or {}
-        info = {"run_dir": str(run.path.resolve()), "stage": stage,
-                "base_model": sft_base_spec(run.record("sft") or {}),
-                "stage_ended": rec.get("ended"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "dtype": str(model.dtype).removeprefix("torch."),
-                "adapters_merged": _merged_adapters(run, stage)}
-        (tmp / "rlchat_export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    console.print(f"[bold green]export:[/] {stage} policy of {run.path} merged and written to {out} "
-                  f"({time.time() - t0:.0f}s); load it with AutoModelForCausalLM.from_pretrained('{out}')",
-                  highlight=False, soft_wrap=True)
-    return out
+    return model
 
 
 def _merged_adapters(run, stage: str) -> list[str]:
     merged = []
     if ((run.record("sft") or {}).get("outputs") or {}).get("kind") == "lora":
         merged.append("sft/adapter")
-    if stage == "ppo":
-        rel = ((run.record("ppo") or {}).get("outputs") or {}).get("policy") or "ppo/policy"
+    if stage in ("ppo", "ppo-best"):
+        key = "best" if stage == "ppo-best" else "policy"
+        rel = ((run.record("ppo") or {}).get("outputs") or {}).get(key) or f"ppo/{key}"
         if (run.path / rel / "adapter_config.json").is_file():
             merged.append(rel)
     return merged
@@ -216,8 +265,15 @@ def chat(run_dir, stage: str = "ppo", prompt: str | None = None, max_new_tokens:
     from rlchat.progress import quiet_libraries
     from rlchat.generation import max_positions
 
-    if max_new_tokens <= 0:
+    import math
+
+    if not 0 < max_new_tokens <= 2**31 - 1:
         raise RlchatError(f"max_new_tokens must be > 0, got {max_new_tokens}", "pass --max-new-tokens 256")
+    if not math.isfinite(temperature) or temperature > 1e6:
+        raise RlchatError(f"temperature must be a finite number, got {temperature}", "pass 0 for greedy decoding "
+                          "or e.g. 0.7")
+    if seed is not None and not 0 <= seed <= 2**32 - 1:
+        raise RlchatError(f"seed must be in [0, 4294967295], got {seed}", "pass e.g. --seed 0")
     if temperature < 0:
         raise RlchatError(f"temperature must be >= 0, got {temperature}", "pass 0 for greedy decoding or e.g. 0.7")
     if not 0 < top_p <= 1:
@@ -262,6 +318,13 @@ def chat(run_dir, stage: str = "ppo", prompt: str | None = None, max_new_tokens:
             messages = list(base)
             console.print("[dim]new conversation[/]")
             continue
+        if text.startswith("/") and not text.startswith("//"):  # a command, never sent to the model
+            known = text.split()[0] in ("/help", "/?")
+            console.print(("" if known else f"unknown command {text.split()[0]}; ") + CHAT_COMMANDS
+                          + "; start a line with // to send one that begins with /", highlight=False, markup=False)
+            continue
+        if text.startswith("//"):
+            user = user.replace("//", "/", 1)
         messages.append({"role": "user", "content": user})
         messages = _fit_history(tokenizer, messages, limit, max_new_tokens)
         print("bot> ", end="", flush=True)

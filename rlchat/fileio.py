@@ -74,6 +74,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give `path` (and, for a directory, everything under it) the permissions a plain open()/mkdir() would have.
+
+    mkstemp/mkdtemp create 0600/0700 entries, and some libraries write their files that way too; rlchat's outputs
+    must be readable by whoever the umask lets read them (a serving process, an upload job), like normal files.
+    Only bits are added (read, and execute on directories), never removed.
+    """
+    mask = _umask()
+    path = Path(path)
+    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in entries:
+        if p.is_symlink():
+            continue
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        mode = p.stat().st_mode & 0o777
+        if mode | want != mode:
+            os.chmod(p, mode | want)
+
+
 def _check_writer(path) -> None:
     """Only the main process of a multi-process run writes (see rlchat/dist.py); another rank trying is a bug."""
     from rlchat import dist
@@ -95,6 +121,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a written file follows the umask like open()'s
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -118,8 +145,11 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, tag: str = "") -> Iterator[Path]:
     """Yield an empty tmp directory next to `final`; on success it replaces `final` in one rename.
+
+    The tmp directory is named `.NAME.tmp-<tag><random>`: `tag` lets a writer outside a run (export) name its own,
+    e.g. with its pid, to find and remove what a killed predecessor left.
 
     An existing `final` is renamed away first, the new directory renamed in, and only then the old one deleted, so
     at every moment either the old or the new directory is complete. On an exception inside the block the tmp
@@ -132,7 +162,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     _check_writer(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{tag}"))
     except OSError as err:
         raise _write_error(final, err) from err
     try:
@@ -142,6 +172,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
     old = None
     try:
+        follow_umask(tmp)  # mkdtemp made it 0700; the files inside may be 0600 (see follow_umask)
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -210,8 +241,21 @@ def input_record(spec: str, hash: bool = True) -> dict:
     A spec that exists on disk is local: {"spec", "kind": "local", "path": <absolute>, "hash": "sha256:..."}
     (hash=False leaves "hash" None: hashing reads every byte, slow for a multi-GB model directory).
     Anything else is taken as a Hub id: {"spec", "kind": "hub"}.
+    A dataset mixture (`a.jsonl:0.3,b.jsonl:0.7`, see rlchat.data.parse_mixture) is {"spec", "kind": "mixture",
+    "parts": [each input's record with its "weight"], "hash": one hash over the parts' specs, weights and hashes}
+    (so a resume check that compares spec and hash notices any input changing).
     """
+    from rlchat.data import parse_mixture
+
     spec = str(spec)
+    try:
+        parts = parse_mixture(spec)
+    except ValueError:
+        parts = [(spec, None)]  # not a valid mixture: the dataset loader reports it
+    if len(parts) > 1:
+        records = [{**input_record(name, hash=hash), "weight": weight} for name, weight in parts]
+        digest = hashlib.sha256(json.dumps([[r["spec"], r["weight"], r.get("hash")] for r in records]).encode())
+        return {"spec": spec, "kind": "mixture", "parts": records, "hash": f"sha256:{digest.hexdigest()}"}
     local = Path(spec).expanduser()
     if local.exists():
         return {"spec": spec, "kind": "local", "path": str(local.resolve()),

@@ -8,7 +8,8 @@
 - `cut_at_stop`: THE stop rule: a response ends after its first stop token (which is kept); every caller cuts
   with it. `response_lists` and `decode_responses` turn cut responses back into token lists and text.
 - `position_ids_from_mask`: positions that count real tokens only, as `generate` numbers them.
-- `generate` (one batch, cut) and `sequence_logprobs` (summed log pi(y|x) at temperature 1).
+- `generate` (one batch, cut), `sequence_logprobs` (summed log pi(y|x) at temperature 1) and `token_logprobs`
+  (per-token log pi_T(y_t|x,y<t) at a sampling temperature T).
 
 Shapes: B batch, P prompt (left padded), R response (right padded), T = P + R, V vocabulary.
 Imports torch and transformers lazily (inside functions) except for type names.
@@ -24,14 +25,32 @@ if TYPE_CHECKING:  # pragma: no cover
 # ------------------------------------------------------------------------------------------------ prompts
 
 
+# A token spans at most this many characters in practice (long whitespace runs are the longest); a prompt is cut to
+# max_tokens * this many characters BEFORE tokenizing, so a 50 MB prompt is never tokenized whole (gigabytes).
+MAX_CHARS_PER_TOKEN = 64
+
+
 def encode_prompt(tokenizer, messages: list[dict], max_tokens: int | None = None) -> list[int]:
     """Token ids of a chat prompt with the generation prompt appended; the oldest tokens are dropped beyond
     max_tokens (the chat template adds its own special tokens, so the tokenizer adds none)."""
+    return encode_prompt_cut(tokenizer, messages, max_tokens)[0]
+
+
+def encode_prompt_cut(tokenizer, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], bool]:
+    """(ids, truncated): `encode_prompt`, saying whether tokens were dropped. Beyond max_tokens *
+    MAX_CHARS_PER_TOKEN characters only the end of the rendered prompt is tokenized (its first, possibly split,
+    token is dropped)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    cut_chars = max_tokens is not None and len(text) > max_tokens * MAX_CHARS_PER_TOKEN
+    if cut_chars:
+        text = text[-max_tokens * MAX_CHARS_PER_TOKEN:]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if cut_chars:
+        ids = ids[1:]
+    truncated = cut_chars or (max_tokens is not None and len(ids) > max_tokens)
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[-max_tokens:]
-    return ids
+    return ids, truncated
 
 
 def max_positions(model) -> int | None:
@@ -172,6 +191,14 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     Prompts are left padded and responses right padded, positions count real tokens only (as `generate` does), so
     the log-probs are those of the tokens as they were generated. An empty response sums to 0.
     """
+    return [sum(lp) for lp in token_logprobs(model, prompt_ids, response_ids, pad_id)]
+
+
+def token_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                   temperature: float = 1.0) -> list[list[float]]:
+    """log pi_T(y_t | x, y_<t) for every response token of each (prompt, response), where pi_T is the model's
+    distribution at `temperature` (softmax(logits / T): what sampling at T draws from). Padding as in
+    `sequence_logprobs`; each list has the response's length."""
     import torch
 
     device = next(model.parameters()).device
@@ -183,7 +210,6 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask.long(),
                        position_ids=position_ids_from_mask(attention_mask)).logits
-        logits = logits[:, P - 1:-1].float()                   # (B, R, V): the state before each response token
+        logits = logits[:, P - 1:-1].float() / temperature     # (B, R, V): the state before each response token
         logp = torch.log_softmax(logits, dim=-1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
-        logp = (logp * r_mask).sum(dim=1)                      # (B,)
-    return logp.tolist()
+    return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]

@@ -19,6 +19,7 @@ Multi-node runs are launched with `accelerate launch` directly (see the README):
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -94,7 +95,8 @@ def relaunch(stage_argv: list[str], num_processes: int | None, accelerate_config
     if sys.stderr.isatty():
         env["RLCHAT_FORCE_TERMINAL"] = "1"
         env.setdefault("COLUMNS", str(shutil.get_terminal_size().columns))
-    console.print(f"[dim]launching: {escape(' '.join(cmd[1:]))}[/]", soft_wrap=True, highlight=False)
+    # shell-quoted, with this Python: the line can be pasted to run the same launch by hand
+    console.print(f"[dim]launching: {escape(shlex.join(cmd))}[/]", soft_wrap=True, highlight=False)
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=False)
     try:
         # forward the children's stderr as it comes (progress bars included) until one reports a user error;
@@ -108,16 +110,22 @@ def relaunch(stage_argv: list[str], num_processes: int | None, accelerate_config
             sys.stderr.buffer.write(chunk)
             sys.stderr.buffer.flush()
         rc = proc.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the children are stopped the same way and mark the stage
+        from rlchat.errors import INTERRUPTED, interrupt_exit_code
+
         proc.terminate()
         proc.wait()
-        rc = 130
+        print(INTERRUPTED, file=sys.stderr)
+        rc = interrupt_exit_code(err)
     try:
         message = err_file.read_text(encoding="utf-8").strip() if err_file.exists() else ""
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if message:
-        console.print(f"[bold red]error:[/] {escape(message.splitlines()[0])}", soft_wrap=True, highlight=False)
+        lines = message.splitlines()  # one line, or a config error's head + one line per problem
+        console.print(f"[bold red]error:[/] {escape(lines[0])}", soft_wrap=True, highlight=False)
+        for line in lines[1:]:
+            console.print(escape(line), soft_wrap=True, highlight=False)
         return 2
     return rc
 

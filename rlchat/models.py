@@ -25,11 +25,14 @@ Weights are always loaded from safetensors; `trust_remote_code` is only passed o
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rlchat.errors import ConfigError, ModelError, first_line
 
@@ -97,10 +100,47 @@ def use_bf16() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+# The stage's --dtype and --attn-implementation, set around a stage's run(cfg) by `with_load_settings`, so that
+# every model the stage loads follows them (the SFT policy, the reward model, the reference, a --reward-model)
+# without threading two arguments through each loader of run_models.py and rewards.py.
+_LOAD_SETTINGS: contextvars.ContextVar[dict] = contextvars.ContextVar("rlchat_load_settings", default={})
+
+
+@contextmanager
+def load_settings(dtype: str | None = None, attn_implementation: str | None = None) -> Iterator[None]:
+    """Within the block, `resolve_dtype(None)` is `dtype` (unless "auto") and `from_pretrained` gets
+    `attn_implementation` (unless None)."""
+    token = _LOAD_SETTINGS.set({"dtype": dtype, "attn_implementation": attn_implementation})
+    try:
+        yield
+    finally:
+        _LOAD_SETTINGS.reset(token)
+
+
+def with_load_settings(run: Callable) -> Callable:
+    """Decorator for a stage's `run(cfg)`: its models load in cfg.dtype with cfg.attn_implementation."""
+
+    @functools.wraps(run)
+    def wrapper(cfg, *args, **kwargs):
+        with load_settings(getattr(cfg, "dtype", None), getattr(cfg, "attn_implementation", None)):
+            return run(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+def load_kwargs() -> dict:
+    """Extra from_pretrained / from_config keywords of the current load settings: attn_implementation if set."""
+    attn = _LOAD_SETTINGS.get().get("attn_implementation")
+    return {"attn_implementation": attn} if attn else {}
+
+
 def resolve_dtype(name: str | None = None) -> "torch.dtype":
-    """A torch dtype from a name ("bf16", "float32", ...); None or "auto" -> bfloat16 if `use_bf16()` else float32."""
+    """A torch dtype from a name ("bf16", "float32", ...); None -> the stage's --dtype (`load_settings`);
+    "auto" (or None without one) -> bfloat16 if `use_bf16()` else float32."""
     import torch
 
+    if name is None:
+        name = _LOAD_SETTINGS.get().get("dtype")
     if name is None or str(name).lower() == "auto":
         return torch.bfloat16 if use_bf16() else torch.float32
     if isinstance(name, torch.dtype):
@@ -127,7 +167,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTok
 
     spec = str(spec)
     if is_local(spec):
-        path = _check_local_dir(spec)
+        path = _check_local_dir(spec, "tokenizer")
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise ModelError(f"{spec} has no tokenizer files (tokenizer.json or tokenizer_config.json)",
                              "save the tokenizer into it with tokenizer.save_pretrained(dir), or pass a directory "
@@ -187,7 +227,8 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, dtype: Any = None
         _check_model_files(spec, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(_load_path(spec), config=config, dtype=resolve_dtype(dtype),
-                                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+                                                     use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                     **load_kwargs())
     except Exception as err:
         raise _load_error(spec, err, "model") from None
     if device is not None:
@@ -261,7 +302,7 @@ def seq_cls_from_causal(causal_model: "PreTrainedModel", num_labels: int = 1,
     config.pad_token_id = pad_token_id
     name = getattr(config, "_name_or_path", "") or type(causal_model).__name__
     try:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=causal_model.dtype)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=causal_model.dtype, **load_kwargs())
     except ValueError as err:  # no sequence-classification class for this model type
         raise ModelError(f"{name} ({config.model_type}) has no sequence-classification variant in transformers: "
                          f"{first_line(err)}", "use a model family with a ...ForSequenceClassification class "
@@ -328,9 +369,23 @@ def _load_path(spec: str) -> str:
     return str(Path(spec).expanduser()) if is_local(spec) else spec
 
 
-def _check_local_dir(spec: str) -> Path:
+def _run_holding(path: Path) -> Path | None:
+    """The run directory (holding run.json) that `path` lies inside, or None."""
+    for parent in path.absolute().parents:
+        if (parent / "run.json").is_file():
+            return parent
+    return None
+
+
+def _check_local_dir(spec: str, what: str = "model") -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
+        run = _run_holding(path)
+        if run is not None:  # a stage's output that went missing: a Hub id is no fix
+            stage = path.absolute().relative_to(run.absolute()).parts[0]
+            raise ModelError(f"{what} directory {spec} is missing from the run directory {run}",
+                             f"restore it, or rerun that stage (`rlchat {'train-reward' if stage == 'reward' else stage}"
+                             f" --run-dir {run} --overwrite ...`)")
         raise ModelError(f"model directory not found: {spec}",
                          f"check the path (relative to {os.getcwd()}), or pass a Hub id such as "
                          "Qwen/Qwen2.5-0.5B-Instruct")

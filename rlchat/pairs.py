@@ -169,3 +169,52 @@ def pair_stats(chosen: "torch.Tensor", rejected: "torch.Tensor") -> dict:
         "chosen_mean": c_mean, "chosen_std": c_std,
         "rejected_mean": r_mean, "rejected_std": r_std,
     }
+
+
+CALIBRATION_BINS = 10
+COLLAPSED_STD = 1e-3   # scores with a population std below this (x max(1, |mean|)) are one constant
+
+
+def reward_health(chosen: list[float], rejected: list[float]) -> dict:
+    """The reward model's own health on scored pairs (held-out when there are some), with Bradley-Terry
+    probabilities p = sigmoid(r_chosen - r_rejected) (the model's P(chosen preferred)).
+
+    accuracy / accuracy_ci   fraction with chosen strictly above rejected, 95% Wilson interval
+    ece                      expected calibration error: pairs binned by confidence max(p, 1 - p) into
+                             CALIBRATION_BINS equal-width bins over [0.5, 1]; sum over bins of
+                             (bin size / n) * |fraction right in the bin - mean confidence in the bin|
+    mean_confidence          mean max(p, 1 - p): above the accuracy = overconfident, below = underconfident
+    mean_abs_error           mean |p - 1| (the label is 1: chosen preferred): 1 - mean p
+    warnings                 [text] for accuracy not above chance (the Wilson interval reaches 0.5) and for
+                             collapsed scores (std below COLLAPSED_STD: every response scores the same)
+    """
+    from rlchat.stats import wilson_interval
+
+    n = len(chosen)
+    if n == 0:
+        return {"accuracy": None, "accuracy_ci": None, "ece": None, "mean_confidence": None,
+                "mean_abs_error": None, "warnings": []}
+    p = [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, c - r)))) for c, r in zip(chosen, rejected)]
+    right = [c > r for c, r in zip(chosen, rejected)]
+    conf = [max(x, 1.0 - x) for x in p]
+    acc = sum(right) / n
+    bins: dict[int, list[int]] = {}
+    for i, c in enumerate(conf):
+        bins.setdefault(min(CALIBRATION_BINS - 1, int((c - 0.5) * 2 * CALIBRATION_BINS)), []).append(i)
+    ece = sum(len(ix) / n * abs(sum(right[i] for i in ix) / len(ix) - sum(conf[i] for i in ix) / len(ix))
+              for ix in bins.values())
+    lo, hi = wilson_interval(acc, n)
+    both = list(chosen) + list(rejected)
+    mean, std = mean_std(both, ddof=0)
+    warnings = []
+    if lo <= 0.5:
+        warnings.append(f"reward model accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} pairs is not above chance "
+                        "(0.5): it cannot tell chosen from rejected, and PPO would optimise noise. Fix: train longer "
+                        "(--epochs) or with another --lr, check the pairs (chosen really better), or hold out more "
+                        "pairs (--eval-fraction) if the interval is wide")
+    if std < COLLAPSED_STD * max(1.0, abs(mean)):
+        warnings.append(f"the reward model's scores collapsed to a constant (std {std:.2g} around {mean:.3g}): it "
+                        "gives every response the same reward. Fix: lower --lr (training diverged or saturated), "
+                        "or check that chosen and rejected differ")
+    return {"accuracy": acc, "accuracy_ci": [lo, hi], "ece": ece, "mean_confidence": sum(conf) / n,
+            "mean_abs_error": 1.0 - sum(p) / n, "warnings": warnings}

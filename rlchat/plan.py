@@ -84,7 +84,7 @@ def _dataset_check(stage: str, spec: str | None, cfg) -> dict:
 
     if not spec:
         return {"spec": None, "note": "from the run (see the stage's defaults)"}
-    if not data.looks_like_path(spec):
+    if not all(data.looks_like_path(name) for name, _ in data.parse_mixture(spec)):  # (a mixture: every input)
         return {"spec": spec, "note": "Hub dataset: not checked offline"}
     ds = data.load_any(spec, split=cfg.split, config=getattr(cfg, "dataset_config", None))
     if stage == "sft":
@@ -133,10 +133,14 @@ def plan_recipe(recipe: str, overrides: dict | None = None) -> list[dict]:
         try:
             cfgs[stage] = resolve(STAGE_CONFIGS[stage], stage, recipe, dict(overrides or {}))
         except ConfigError as err:
-            problems += [f"{stage}: {p}" for p in err.problems if f"{stage}: {p}" not in problems]
+            for p in err.problems:  # an unknown recipe key is the same problem for every stage: said once
+                line = p if p.startswith("unknown key ") else f"{stage}: {p}"
+                if line not in problems:
+                    problems.append(line)
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index),
-                          "fix the keys and values listed; each stage command's --help describes every option")
+                          "fix the keys and values listed; each stage command's --help describes every option",
+                          subject=f"recipe {recipe}")
     base = getattr(cfgs.get("sft"), "model", None)
     return [plan_stage(stage, cfgs[stage], base_model=base) for stage in stages]
 

@@ -35,13 +35,14 @@ def load_prompts(spec: str, split: str = "train", dataset_config: str | None = N
                for i in range(n)]
     if tokenizer is None:
         return prompts, column, 0
-    from rlchat.generation import encode_prompt
+    from rlchat.checks import template_errors
+    from rlchat.generation import encode_prompt_cut
 
     kept, n_truncated = [], 0
-    for p in prompts:
-        full = encode_prompt(tokenizer, p.messages)
-        p.ids = full if max_tokens is None else full[-max_tokens:]
-        n_truncated += len(p.ids) < len(full)
+    for i, p in enumerate(prompts):
+        with template_errors(f"prompt {i} of {spec}"):
+            p.ids, truncated = encode_prompt_cut(tokenizer, p.messages, max_tokens)
+        n_truncated += truncated
         if p.ids:
             kept.append(p)
     if not kept:

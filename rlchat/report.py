@@ -5,6 +5,8 @@
     sft_loss.png            SFT train and held-out loss vs optimizer step      (RUN/sft/metrics.jsonl)
     reward_training.png     reward model loss and pairwise accuracy vs step    (RUN/reward/metrics.jsonl)
     ppo_training.png        PPO score/reward, KL, response length, value loss  (RUN/ppo/metrics.jsonl)
+    ppo_overoptimisation.png  held-out proxy (reward-model) score and judge score against sqrt(KL), the
+                            over-optimisation curve of Gao et al. 2022 (heldout/* rows of ppo --eval-every)
     score_distribution.png  histograms of each policy's eval scores            (RUN/eval/responses.jsonl)
     report.md               stage table, eval tables (when RUN/eval/report.json exists), the plots, samples
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from rlchat.errors import RunDirError
 
-PLOTS = ("sft_loss", "reward_training", "ppo_training", "score_distribution")
+PLOTS = ("sft_loss", "reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution")
 POLICY_COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "ppo": "#d62728"}
 SAMPLES_IN_REPORT = 4
 
@@ -83,11 +85,14 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
 
 def _save(fig, path: Path) -> Path:
     """Save a figure as PNG atomically (tmp file in the same directory + os.replace)."""
+    from rlchat.fileio import follow_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        follow_umask(tmp)  # mkstemp made it 0600: a plot is as readable as any file the user writes
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -161,7 +166,20 @@ def plot_sft(rows: list[dict], path: Path) -> Path | None:
         return None
     fig, (ax,) = _figure()
     _panel(ax, [(train, "train loss", "#1f77b4", True), (evl, "held-out loss", "#ff7f0e", False)],
-           "SFT: cross-entropy loss on the assistant tokens", "loss (nats per token)", "loss")
+           "SFT: cross-entropy loss on the assistant tokens", "loss (nats per token, log scale)", "loss")
+    if all(v > 0 for v in train[1] + evl[1]):
+        from matplotlib.ticker import LogFormatter
+
+        class PlainLog(LogFormatter):
+            """Tick labels as plain numbers (3, 0.5), not 3x10^0 or 1e-01."""
+
+            def _num_to_string(self, x, vmin, vmax):
+                return f"{x:g}"
+
+        ax.set_yscale("log")  # the loss falls by orders of magnitude: a linear axis flattens the tail
+        ax.yaxis.set_major_formatter(PlainLog(labelOnlyBase=False))
+        # minor ticks (2, 3, ... 9 per decade) labelled only when the axis spans few decades
+        ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     return _finish(fig, [ax], "optimizer step", path)
 
 
@@ -174,7 +192,7 @@ def plot_reward(rows: list[dict], path: Path) -> Path | None:
     _panel(ax1, [(loss, "train loss", "#1f77b4", True), (eval_loss, "held-out loss", "#ff7f0e", False)],
            "Reward model: pairwise loss -log sigmoid(r_chosen - r_rejected)", "loss (nats per pair)", "loss",
            title_size=10)
-    _panel(ax2, [(acc, "train accuracy", "#1f77b4", True), (eval_acc, "held-out accuracy", "#ff7f0e", False)],
+    _panel(ax2, [(acc, "train accuracy", "#1f77b4", True), (eval_acc, "eval_accuracy (held-out pairs)", "#ff7f0e", False)],
            "Reward model: accuracy (chosen scored above rejected)", "fraction of pairs", "accuracy", title_size=10)
     ax2.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance (0.5)")
     ax2.set_ylim(0, 1.02)
@@ -200,6 +218,43 @@ def plot_ppo(rows: list[dict], path: Path) -> Path | None:
     return _finish(fig, axes, "PPO step (one batch of rollouts)", path, legend_size=8)
 
 
+def plot_overoptimisation(rows: list[dict], path: Path) -> Path | None:
+    """Held-out proxy score (left axis) and judge score (right axis) against sqrt(KL to the reference), one point
+    per held-out evaluation of ppo --eval-every, labelled with its step (Gao et al. 2022, "Scaling laws for reward
+    model overoptimization", plot gold and proxy reward against d = sqrt(KL)). The proxy rising while the judge
+    falls is over-optimisation; the best point by the judge is ringed."""
+    pts = [r for r in rows if _num(r.get("heldout/kl")) and _num(r.get("heldout/score"))]
+    if not pts:
+        return None
+    d = [math.sqrt(max(r["heldout/kl"], 0.0)) for r in pts]  # a k1 mean a hair below 0 is noise around KL 0
+    fig, (ax,) = _figure(width=7.4, height=4.6)
+    ax.plot(d, [r["heldout/score"] for r in pts], color="#2ca02c", marker="o", linewidth=1.8,
+            label="proxy: training score (reward model / reward fn)")
+    ax.set_ylabel("proxy score (PPO score units)", color="#2ca02c")
+    for x, r in zip(d, pts):
+        ax.annotate(str(r.get("step", "")), (x, r["heldout/score"]), fontsize=7, color="gray",
+                    xytext=(3, 3), textcoords="offset points")
+    handles, labels = ax.get_legend_handles_labels()
+    judged = [(x, r) for x, r in zip(d, pts) if _num(r.get("heldout/judge"))]
+    if judged:
+        ax2 = ax.twinx()
+        ax2.plot([x for x, _ in judged], [r["heldout/judge"] for _, r in judged], color="#d62728", marker="s",
+                 linewidth=1.8, label="judge (gold) score")
+        bx, br = max(judged, key=lambda t: t[1]["heldout/judge"])
+        ax2.plot([bx], [br["heldout/judge"]], marker="o", markersize=14, markerfacecolor="none",
+                 markeredgecolor="black", linestyle="none", label=f"best by judge (step {br.get('step')})")
+        ax2.set_ylabel("judge score", color="#d62728")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    else:
+        ax.text(0.5, 0.02, "no --judge given: proxy only", ha="center", va="bottom", transform=ax.transAxes,
+                color="gray", fontsize=8)
+    ax.set_title("PPO over-optimisation: held-out proxy vs judge against KL (Gao et al. 2022)", fontsize=10)
+    ax.set_xlabel("sqrt(KL to the reference), sqrt(nats per response); points labelled with the PPO step")
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 def plot_scores(responses: list[dict], path: Path) -> Path | None:
     """Histograms of each policy's reward-model and judge scores on the eval prompts."""
     if not responses:
@@ -223,20 +278,24 @@ def plot_scores(responses: list[dict], path: Path) -> Path | None:
         if hi - lo < 1e-9:
             lo, hi = lo - 0.5, hi + 0.5
         bins = [lo + (hi - lo) * i / 20 for i in range(21)]
+        tallest = 0
         for name, vs in data.items():
             if not vs:
                 continue
             mean = sum(vs) / len(vs)
             color = POLICY_COLORS.get(name)
-            ax.hist(vs, bins=bins, alpha=0.45, color=color, edgecolor=color,
-                    label=f"{name}: mean {mean:.3g} (dashed line)")
+            counts, _, _ = ax.hist(vs, bins=bins, alpha=0.45, color=color, edgecolor=color,
+                                   label=f"{name}: mean {mean:.3g} (dashed line)")
+            tallest = max(tallest, max(counts))
             ax.axvline(mean, color=color, linestyle="--", linewidth=1.5)
         ax.set_title(f"Eval: {title} per response ({n} prompts)")
         ax.set_xlabel(unit)
         ax.set_ylabel("responses (count)")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # headroom so the legend does not cover the bars
+        ax.set_ylim(0, max(1.0, tallest) * 1.05)  # the axis ends just above the tallest bar
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+        # below the plot, so it covers no bar and needs no empty headroom above them
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, len(data)),
+                  framealpha=0.9)
     return _save(fig, path)
 
 
@@ -263,6 +322,12 @@ def _cell(text: str, limit: int = 300) -> str:
     return text.replace("|", "\\|") or "*(empty)*"
 
 
+def _pm(value, se) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f} ± {se:.3f}" if se is not None else f"{value:.3f}"
+
+
 def _ci(ci) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
 
@@ -280,6 +345,12 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
                 f"{s.get('max_new_tokens')} new tokens. Reference policy for KL: `{s.get('reference', 'sft')}`. "
                 f"Reward model: {'the run' + chr(39) + 's' if s.get('reward_model') else 'none'}; judge: "
                 f"{'`' + s['judge'] + '`' if s.get('judge') else 'none'}.", ""]
+        if s.get("kl_temperature") is not None:
+            out += [f"KL to `{s.get('reference', 'sft')}`: sampled, whatever the decoding above: "
+                    f"{s.get('kl_samples_per_prompt')} samples per prompt from each policy at the PPO sampling "
+                    f"temperature {s.get('kl_temperature'):g} (top-p 1); k1 estimator (sum of token log-ratios), "
+                    f"averaged per prompt then over prompts, ± one standard error over prompts; k3 (non-negative) "
+                    f"alongside. A negative k1 mean is sampling noise (the KL itself is >= 0).", ""]
     out += ["## Stages", "", "| stage | status | key metric | time |", "|---|---|---|---|"]
     for row in summary_rows(manifest):
         if row[0] == "eval" and row[1] == "running":
@@ -289,13 +360,14 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
 
     if report:
         out += ["## Policies", "",
-                "| policy | reward model (mean ± std) | judge (mean ± std) | KL to sft (nats) | length (tokens) "
-                "| EOS rate | distinct-1 | distinct-2 | n |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| policy | reward model (mean ± std) | judge (mean ± std) | KL to sft, k1 ± SE (nats) | k3 ± SE "
+                "| length (tokens) | EOS rate | distinct-1 | distinct-2 | n |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in report.get("policies", {}).items():
             rm = "–" if m.get("mean_reward") is None else f"{m['mean_reward']:.3f} ± {m['std_reward']:.3f}"
             jd = "–" if m.get("mean_judge") is None else f"{m['mean_judge']:.3f} ± {m['std_judge']:.3f}"
-            out.append(f"| {name} | {rm} | {jd} | {_fmt(m.get('kl_to_ref'))} | {_fmt(m.get('mean_length'), 1)} | "
+            out.append(f"| {name} | {rm} | {jd} | {_pm(m.get('kl_to_ref'), m.get('kl_to_ref_se'))} | "
+                       f"{_pm(m.get('kl_to_ref_k3'), m.get('kl_to_ref_k3_se'))} | {_fmt(m.get('mean_length'), 1)} | "
                        f"{_fmt(m.get('eos_rate'), 2)} | {_fmt(m.get('distinct_1'))} | {_fmt(m.get('distinct_2'))} | "
                        f"{m.get('n')} |")
         out.append("")
@@ -309,8 +381,20 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
                 out.append(f"| {c['a']} over {c['b']} | {_fmt(c.get('win_rate_reward'))} | {_ci(c.get('ci_reward'))} | "
                            f"{_fmt(c.get('win_rate_judge'))} | {_ci(c.get('ci_judge'))} | {c.get('n')} |")
             out.append("")
+            for c in comps:
+                if c.get("identical") is not None and c["identical"] > 0.5:
+                    out.append(f"**Note:** {c['identical']:.0%} of the answers of {c['a']} and {c['b']} are "
+                               f"identical, so the win rates above mostly count ties.")
+                    sm = c.get("sampled")
+                    if sm:
+                        out.append(f"Sampled comparison (one sample per prompt at temperature "
+                                   f"{sm['temperature']:g}, top-p 1, n {sm['n']}): {c['a']} over {c['b']} "
+                                   f"{_fmt(sm.get('win_rate_reward'))} {_ci(sm.get('ci_reward'))} by reward model, "
+                                   f"{_fmt(sm.get('win_rate_judge'))} {_ci(sm.get('ci_judge'))} by judge.")
+                    out.append("")
 
     titles = {"sft_loss": "SFT loss", "reward_training": "Reward model training", "ppo_training": "PPO training",
+              "ppo_overoptimisation": "PPO over-optimisation (held-out proxy vs judge against KL)",
               "score_distribution": "Eval score distribution"}
     if plots:
         out += ["## Plots", ""]
@@ -347,6 +431,21 @@ def render(run_dir) -> dict:
     if not run.exists():
         raise RunDirError(f"no run at {run.path} (no run.json)", "pass a run directory that a stage has written")
     manifest = run.manifest()
+    # the files go into RUN/eval/: take the run's lock like a stage (refused while another process holds it), unless
+    # this process holds it already (the eval stage renders its own report)
+    held = run.holds_lock()
+    if not held:
+        run.lock("report")
+    try:
+        return _render(run, manifest)
+    finally:
+        if not held:
+            run.unlock()
+
+
+def _render(run, manifest: dict) -> dict:
+    from rlchat.fileio import atomic_write_text
+
     out_dir = run.stage_dir("eval")
     report = None
     if (out_dir / "report.json").is_file():
@@ -363,6 +462,7 @@ def render(run_dir) -> dict:
         ("sft_loss", "sft", lambda p: plot_sft(stage_metrics(run, "sft"), p)),
         ("reward_training", "reward", lambda p: plot_reward(stage_metrics(run, "reward"), p)),
         ("ppo_training", "ppo", lambda p: plot_ppo(stage_metrics(run, "ppo"), p)),
+        ("ppo_overoptimisation", "ppo", lambda p: plot_overoptimisation(stage_metrics(run, "ppo"), p)),
         ("score_distribution", "eval", lambda p: plot_scores(responses, p)),
     )
     stages = manifest.get("stages", {})
@@ -373,7 +473,8 @@ def render(run_dir) -> dict:
         path = job(out_dir / f"{name}.png")
         if path is None:
             skipped[name] = ("no scores in responses.jsonl" if stage == "eval"
-                             else f"no metrics in RUN/{stage}/metrics.jsonl")
+                             else "no heldout/* rows in RUN/ppo/metrics.jsonl (ppo ran without --eval-every)"
+                             if name == "ppo_overoptimisation" else f"no metrics in RUN/{stage}/metrics.jsonl")
         else:
             plots[name] = str(path)
     md_path = out_dir / "report.md"

@@ -23,6 +23,7 @@ Sources:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -58,6 +59,9 @@ def load_reward_fn(spec: str) -> Callable:
     try:
         if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
             path = Path(module_part).expanduser()
+            if path.is_dir():
+                raise ConfigError(f"reward_fn path {module_part} is a directory, not a .py file",
+                                  f"name the file inside it: --reward-fn {module_part.rstrip('/')}/FILE.py:{fn_name}")
             if not path.is_file():
                 raise ConfigError(f"reward_fn file {module_part} does not exist (looked in {os.getcwd()})",
                                   "check the path; relative paths start at the current directory")
@@ -67,14 +71,16 @@ def load_reward_fn(spec: str) -> Callable:
                 raise ConfigError(f"reward_fn file {module_part} cannot be imported as Python", "pass a .py file")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[name] = module
-            loader_spec.loader.exec_module(module)
+            with contextlib.redirect_stdout(sys.stderr):  # prints at import time must not reach --json's stdout
+                loader_spec.loader.exec_module(module)
         else:
             cwd = os.getcwd()
             added = cwd not in sys.path and "" not in sys.path
             if added:  # only for this import: a stray file there must not shadow a module imported later
                 sys.path.insert(0, cwd)
             try:
-                module = importlib.import_module(module_part)
+                with contextlib.redirect_stdout(sys.stderr):
+                    module = importlib.import_module(module_part)
             finally:
                 if added and cwd in sys.path:
                     sys.path.remove(cwd)
@@ -94,6 +100,10 @@ def load_reward_fn(spec: str) -> Callable:
             raise
         raise ConfigError(f"importing reward_fn module '{module_part}' failed: {type(err).__name__}: "
                           f"{first_line(err)}", "fix the error in that module") from None
+    if getattr(module, "__file__", None) is None and Path(module_part.replace(".", os.sep)).is_dir():
+        # a directory imports as an empty namespace package: say so, not "has no function"
+        raise ConfigError(f"reward_fn module '{module_part}' is a directory, not a Python file",
+                          f"name the file inside it: --reward-fn {module_part}/FILE.py:{fn_name}")
     fn = getattr(module, fn_name, None)
     if fn is None:
         public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -114,7 +124,9 @@ def call_reward_fn(fn: Callable, spec: str, prompts: list[str], completions: lis
     for the caller's NaN guard (they are numbers, but the stage stops on them).
     """
     try:
-        out = fn(list(prompts), list(completions))
+        # what user code prints goes to stderr: stdout carries --json output (and `rlchat chat --prompt` answers)
+        with contextlib.redirect_stdout(sys.stderr):
+            out = fn(list(prompts), list(completions))
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # noqa: BLE001 - user code
@@ -145,7 +157,11 @@ def call_reward_fn(fn: Callable, spec: str, prompts: list[str], completions: lis
 
 def check_reward_fn(fn: Callable, spec: str) -> None:
     """Call the function once on two dummy prompts (during validation, before anything is written)."""
-    call_reward_fn(fn, spec, DUMMY_PROMPTS, DUMMY_COMPLETIONS, during="the check on two dummy prompts")
+    out = call_reward_fn(fn, spec, DUMMY_PROMPTS, DUMMY_COMPLETIONS, during="the check on two dummy prompts")
+    bad = [x for x in out if not math.isfinite(x)]
+    if bad:  # a function that returns NaN on the check would stop PPO at its first step, after the stage began
+        raise ConfigError(f"reward_fn '{spec}' returned a non-finite score ({bad[0]}) during the check on two "
+                          "dummy prompts", "return a finite float per completion")
 
 
 # -------------------------------------------------------------------------------------------------- judges
@@ -229,12 +245,22 @@ def load_text_reward_model(path, tokenizer_path=None, base=None, trust_remote_co
             raise ModelError(f"{path} has no config.json or adapter_config.json",
                              "pass a reward model directory written by save_pretrained")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-                dtype=models.resolve_dtype(dtype))
+                dtype=models.resolve_dtype(dtype), output_loading_info=True, **models.load_kwargs())
         except Exception as err:  # noqa: BLE001
             raise ModelError(f"could not load reward model {path}: {first_line(err)}",
                              "pass a directory with an ...ForSequenceClassification model") from None
+        # a causal LM (or any checkpoint without the head) loads "fine" with a RANDOM score head: transformers only
+        # warns (and rlchat silences library warnings), and PPO would then optimise noise
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            arch = ", ".join(getattr(model.config, "architectures", None) or ["unknown"])
+            raise ModelError(f"reward model {path} has no trained score head: {', '.join(missing[:3])} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing from its weights (the checkpoint is a "
+                             f"{arch}), so its scores would be random",
+                             "pass a trained reward model (an ...ForSequenceClassification checkpoint, or the reward "
+                             "adapter of `rlchat train-reward`)")
     if getattr(model.config, "num_labels", 1) != 1:
         raise ModelError(f"reward model {path} has {model.config.num_labels} labels, expected 1 (a score)",
                          "train the reward model with num_labels=1")

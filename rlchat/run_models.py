@@ -22,6 +22,9 @@ each other).
   stage).
 - `load_ppo_policy(run, sft_model)`: the run's finished PPO policy (a LoRA adapter on the SFT-merged base, or a
   full model); `ppo_policy_dir`, `attach_ppo` are its parts. `base_model_spec(run)`: the model SFT started from.
+- `standalone_sft_dir(run)` / `adapter_base_name(run, model)`: the SFT policy as a plain model directory
+  (RUN/sft/model, or RUN/sft/merged after LoRA SFT), which adapters trained on it name as their
+  `base_model_name_or_path` (absolute), so stock peft loads them offline.
 
 Heavy libraries are imported inside the functions, so importing this module is cheap.
 """
@@ -118,17 +121,10 @@ def load_sft_policy(run_dir_path: str | Path, trust_remote_code: bool = False, d
         adapter_dir = weights_dir
         base = resolve_base_spec(run_path, sft_base_spec(rec))
         try:
-            model = models.load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=dtype)
+            model = merge_sft_adapter(base, adapter_dir, tokenizer, trust_remote_code, dtype)
         except ModelError as err:
             raise ModelError(f"cannot load the base model of the SFT adapter in {run_path}: {err.problem}",
                              f"{err.fix}; the adapter must be applied to the model SFT trained on") from None
-        # SFT may have grown the vocabulary (a new pad token): the adapter then holds the bigger embeddings.
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         except Exception as err:
             raise ModelError(f"could not apply the SFT adapter {adapter_dir} to base model {base}: "
                              f"{first_line(err)}", "check that the base model is the one SFT trained on; "
@@ -196,6 +192,43 @@ def load_base_causal(run, base: Base, trust_remote_code: bool = False):
 def base_model_spec(run) -> str:
     """The base model the SFT stage started from (manifest sft outputs.base_model or config.model), loadable now."""
     return resolve_base_spec(run.path, sft_base_spec(run.record("sft") or {}))
+
+
+def merge_sft_adapter(base_spec: str, adapter_dir: Path, tokenizer, trust_remote_code: bool = False,
+                      dtype: Any = None) -> "PreTrainedModel":
+    """The base model with the SFT LoRA adapter merged in (the embeddings grown first if SFT added tokens)."""
+    from peft import PeftModel
+
+    from rlchat import models
+
+    model = models.load_causal_lm(base_spec, trust_remote_code=trust_remote_code, dtype=dtype)
+    # SFT may have grown the vocabulary (a new pad token): the adapter then holds the bigger embeddings.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def standalone_sft_dir(run) -> Path | None:
+    """The finished SFT policy as a plain model directory (absolute), or None for a run that has none:
+    RUN/sft/model (--full) or RUN/sft/merged (LoRA: the base with the adapter merged, written by the sft stage)."""
+    outputs = (run.record("sft") or {}).get("outputs") or {}
+    rel = outputs.get("model") if outputs.get("kind") == "full" else outputs.get("merged")
+    if not rel:
+        return None
+    path = manifest_path(run.path, rel)
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
+def adapter_base_name(run, model_spec: str | None) -> str:
+    """What an adapter trained in this run records as `base_model_name_or_path`, so that peft's
+    AutoPeftModel*.from_pretrained(adapter) finds its base offline: --model (absolute when local), else the
+    standalone SFT model (`standalone_sft_dir`). "sft" only for a run made before rlchat wrote RUN/sft/merged."""
+    from rlchat import models
+
+    if model_spec:
+        return str(Path(model_spec).expanduser().resolve()) if models.is_local(model_spec) else model_spec
+    path = standalone_sft_dir(run)
+    return str(path) if path is not None else "sft"
 
 
 # ------------------------------------------------------------------------------------------- the reward model
@@ -270,7 +303,7 @@ def load_reward_model(run_path: str | Path, trust_remote_code: bool = False, dev
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(weights), use_safetensors=True, trust_remote_code=trust_remote_code,
-                dtype=models.resolve_dtype(None))
+                dtype=models.resolve_dtype(None), **models.load_kwargs())
         except Exception as err:  # noqa: BLE001 - transformers raises many types; one line for the user
             raise ModelError(f"could not load the reward model from {weights}: {str(err).splitlines()[0]}",
                              again) from None
@@ -304,7 +337,13 @@ def reward_input_ids(tokenizer, prompt: Any, completion: Any, max_length: int | 
     """
     if isinstance(completion, list):
         messages = list(prompt or []) + list(completion)
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        # ChatML-style templates (Qwen, SmolLM2, rlchat's default) render "<|im_end|>\n" after the answer. PPO reads
+        # the reward at the response's last token, its EOS, so the reward model must be trained and queried there
+        # too, not on the newline the template adds after it.
+        eos_id = tokenizer.eos_token_id
+        if isinstance(eos_id, int) and eos_id in ids:
+            ids = ids[:len(ids) - ids[::-1].index(eos_id)]
     else:
         text = (prompt or "") + completion
         eos = tokenizer.eos_token
@@ -383,9 +422,15 @@ def load_run_reward_scorer(run, batch_size: int, device: str | None = None, trus
 # ------------------------------------------------------------------------------------------- the PPO policy
 
 
-def ppo_policy_dir(run, rec: dict) -> Path:
-    """RUN/ppo/policy (or what the manifest's outputs.policy says), checked to hold an adapter or a model."""
-    rel = (rec.get("outputs") or {}).get("policy") or "ppo/policy"
+def ppo_policy_dir(run, rec: dict, which: str = "policy") -> Path:
+    """RUN/ppo/policy (or what the manifest's outputs.policy says), checked to hold an adapter or a model;
+    which="best": RUN/ppo/best, the best policy by held-out score (ppo --eval-every)."""
+    outputs = rec.get("outputs") or {}
+    if which == "best" and not outputs.get("best"):
+        raise RunDirError(f"the ppo stage in {run.path} kept no best policy (it ran without --eval-every)",
+                          f"rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`, or use the final "
+                          "policy (ppo)")
+    rel = outputs.get(which) or f"ppo/{which}"
     path = run.resolve_inside(rel)
     if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise RunDirError(f"the PPO policy {path} has no adapter_config.json or config.json",
@@ -415,8 +460,8 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
     return model, False
 
 
-def load_ppo_policy(run, sft_model, trust_remote_code: bool = False):
-    """(model, shared) of the run's finished PPO policy (see `attach_ppo`).
+def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy"):
+    """(model, shared) of the run's finished PPO policy (see `attach_ppo`); which="best": RUN/ppo/best.
 
     PPO records the base its adapter sits on (outputs.base: "sft" or a --model spec, and base_hash). On "sft" the
     adapter goes on `sft_model`, after checking that the SFT weights are the ones PPO trained on; on another base,
@@ -424,7 +469,7 @@ def load_ppo_policy(run, sft_model, trust_remote_code: bool = False):
     """
     rec = run.record("ppo") or {}
     outputs = rec.get("outputs") or {}
-    policy_dir = ppo_policy_dir(run, rec)
+    policy_dir = ppo_policy_dir(run, rec, which)
     if not (policy_dir / "adapter_config.json").is_file():  # a full model (--full): no base needed
         return attach_ppo(sft_model, policy_dir, trust_remote_code)
     name = outputs.get("base") or "sft"

@@ -43,7 +43,7 @@ from rlchat.fileio import _dumps, _write_error, atomic_write_json
 log = logging.getLogger("rlchat")
 
 STAGES = ("sft", "reward", "ppo", "eval")
-STATUSES = ("running", "done", "failed")
+STATUSES = ("running", "done", "failed", "interrupted")  # interrupted: Ctrl-C or SIGTERM; the same command resumes
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
@@ -77,7 +77,7 @@ def library_versions() -> dict:
 
 def _pid_alive(pid: int) -> bool:
     """True if a process with this pid exists on this host (signal 0 checks without sending anything)."""
-    if pid <= 0:
+    if pid <= 0 or pid > 2**31 - 1:  # no such process can exist (os.kill would raise OverflowError)
         return False
     try:
         os.kill(pid, 0)
@@ -113,6 +113,75 @@ def _holder_alive(info: dict) -> bool:
     return recorded is None or now is None or now == recorded
 
 
+def enclosing_run(path: str | Path, include_self: bool = True) -> Path | None:
+    """The run directory (a directory holding run.json) that `path` is, or is inside; None if there is none."""
+    p = Path(path).expanduser().resolve()
+    for candidate in ([p] if include_self else []) + list(p.parents):
+        if (candidate / "run.json").is_file():
+            return candidate
+    return None
+
+
+def _holds_run(path: Path, depth: int = 3) -> Path | None:
+    """A run directory at or below `path` (looked for `depth` levels down), or None."""
+    if (path / "run.json").is_file():
+        return path
+    if depth == 0:
+        return None
+    try:
+        children = [c for c in path.iterdir() if c.is_dir() and not c.is_symlink()]
+    except OSError:
+        return None
+    for child in children[:1000]:
+        found = _holds_run(child, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def check_output_path(out: str | Path, flag: str) -> None:
+    """RunDirError when an output path of a command that is not a stage (export OUT, score --out, new-model,
+    demo-data) lies inside a run directory, or would replace a directory holding one: only a stage writes into a
+    run, under its lock and its rules (atomic writes, the manifest kept true)."""
+    out = Path(out).expanduser()
+    run = enclosing_run(out)
+    if run is None and out.is_dir():
+        run = _holds_run(out.resolve())
+    if run is not None:
+        raise RunDirError(f"{flag} {out} is inside (or would replace) the run directory {run}; only rlchat's stages "
+                          "write into a run", f"choose a {flag} path outside {run}")
+
+
+# The type every field of a manifest stage entry must have (None is always allowed but for status): a hand-edited
+# run.json is refused with the field named, instead of an AttributeError deep inside status, export or a stage.
+_ENTRY_TYPES = {"status": (str,), "config": (dict,), "inputs": (dict,), "parent": (str,), "outputs": (dict,),
+                "metrics": (dict,), "versions": (dict,), "started": (str,), "ended": (str,),
+                "wall_s": (int, float), "error": (str,), "host": (str,), "pid": (int,), "resumed": (bool,)}
+
+
+_PATH_OUTPUTS = ("kind", "adapter", "model", "tokenizer", "policy", "value", "base", "report", "responses")
+
+
+def _entry_problem(stages: dict) -> str | None:
+    """What is wrong with the manifest's stage entries (the first problem), or None."""
+    for stage, entry in stages.items():
+        if not isinstance(entry, dict):
+            return f"the entry of stage '{stage}' is a {type(entry).__name__}, not an object"
+        for key, types in _ENTRY_TYPES.items():
+            v = entry.get(key)
+            if v is None or (isinstance(v, types) and not (isinstance(v, bool) and bool not in types)):
+                continue
+            want = {"wall_s": "a number", "pid": "an integer", "resumed": "true or false"}.get(
+                key, "a string" if str in types else "an object")
+            return f"stage '{stage}' field '{key}' is {json.dumps(v)[:40]}, not {want}"
+        outputs = entry.get("outputs") or {}
+        for k in _PATH_OUTPUTS:
+            v = outputs.get(k)
+            if v is not None and not isinstance(v, str):
+                return f"stage '{stage}' output '{k}' is {json.dumps(v)[:40]}, not a path"
+    return None
+
+
 class RunDir:
     """One run directory. Creating the object touches nothing on disk; `begin_stage` is the first write."""
 
@@ -138,6 +207,7 @@ class RunDir:
 
     def manifest(self) -> dict:
         """The parsed run.json, or a fresh empty manifest if there is none yet (nothing is written)."""
+        self._check_not_dangling()
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} is a file, not a directory",
                               "pass a directory path (new or existing) as the run directory")
@@ -156,7 +226,16 @@ class RunDir:
                               f"{err.msg})", fix) from err
         if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
             raise RunDirError(f"{self.manifest_path} is not an rlchat manifest (no \"stages\" object)", fix)
+        problem = _entry_problem(data["stages"])
+        if problem:
+            raise RunDirError(f"{self.manifest_path} is damaged: {problem}", fix)
         return data
+
+    def _check_not_dangling(self) -> None:
+        """A symbolic link whose target is missing is neither a file nor a directory: say what it is."""
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunDirError(f"run directory {self.path} is a symbolic link to {os.readlink(self.path)}, which does "
+                              "not exist", f"create {os.readlink(self.path)} first, or pass another run directory")
 
     def stage_dir(self, stage: str) -> Path:
         """RUN/<stage> (not created)."""
@@ -199,6 +278,10 @@ class RunDir:
         Refuses a finished stage unless `overwrite`, and a run directory locked by a live process.
         """
         self.stage_dir(stage)  # validates the name
+        outer = enclosing_run(self.path, include_self=False)
+        if outer is not None:
+            raise RunDirError(f"run directory {self.path} is inside another run directory, {outer}",
+                              f"choose a --run-dir outside {outer} (for example next to it)")
         rec = self.manifest()["stages"].get(stage)
         self._check_lock_free()
         if rec is None:
@@ -225,7 +308,8 @@ class RunDir:
             raise RunDirError(f"cannot read {self.lock_path}: {err}", "check the run directory permissions") from err
         try:
             info = json.loads(text)
-            int(info["pid"])
+            if not isinstance(info["pid"], int) or isinstance(info["pid"], bool):
+                raise TypeError("pid is not an integer")  # 1.5 or true would be read as pid 1 (init: alive)
             return info
         except (ValueError, KeyError, TypeError) as err:
             raise RunDirError(
@@ -256,6 +340,7 @@ class RunDir:
         O_CREAT|O_EXCL makes taking the lock atomic. A lock left by a dead process on this host is taken over;
         one held by a live process, or by any process on another host, raises RunDirError.
         """
+        self._check_not_dangling()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except FileExistsError as err:
@@ -434,15 +519,15 @@ class RunDir:
         self._end(stage, "done", metrics=metrics, outputs=outputs, error=None)
         self.unlock()
 
-    def fail_stage(self, stage: str, error: str) -> None:
-        """Mark `stage` failed and release the lock. Best effort: never raises (the caller re-raises the error).
-        A no-op on the non-main processes of a multi-process run."""
+    def fail_stage(self, stage: str, error: str, status: str = "failed") -> None:
+        """Mark `stage` failed (or `status` "interrupted": Ctrl-C / SIGTERM) and release the lock. Best effort: never
+        raises (the caller re-raises the error). A no-op on the non-main processes of a multi-process run."""
         from rlchat import dist
 
         if not dist.is_main():
             return
         try:
-            self._end(stage, "failed", error=str(error) or "interrupted")
+            self._end(stage, status, error=str(error) or "interrupted")
         except (RunDirError, OSError) as err:
             log.warning("could not record the failure of stage '%s' in %s: %s", stage, self.manifest_path, err)
         finally:

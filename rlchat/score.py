@@ -76,8 +76,14 @@ def score(run_dir: str | Path, dataset: str, out_path: str | Path, split: str = 
     from rlchat.fileio import atomic_write_text
     from rlchat.progress import quiet_libraries
 
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be > 0, got {batch_size}", "pass --batch-size 16")
+    from rlchat.checks import template_errors
+    from rlchat.rundir import check_output_path
+
+    if not 1 <= batch_size <= 65536:
+        raise ConfigError(f"batch_size must be between 1 and 65536, got {batch_size}", "pass --batch-size 16")
+    check_output_path(out_path, "--out")
+    if Path(out_path).is_dir():
+        raise ConfigError(f"--out {out_path} is a directory", "pass a file path such as scores.jsonl")
     t_start = time.time()
     run = RunDir(run_dir)
     rec = reward_record(run)
@@ -87,7 +93,8 @@ def score(run_dir: str | Path, dataset: str, out_path: str | Path, split: str = 
     quiet_libraries()
     model, tokenizer = load_reward_model(run.path, trust_remote_code=trust_remote_code, device=pick_device())
     scorer = RewardScorer(model, tokenizer, batch_size, max_length, sort_by_length=True)
-    scores = scorer([it["prompt"] for it in items], [it["completion"] for it in items])
+    with template_errors(f"a row of {dataset}"):
+        scores = scorer([it["prompt"] for it in items], [it["completion"] for it in items])
 
     lines = []
     for it, s in zip(items, scores.tolist()):

@@ -63,9 +63,10 @@ def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
         rec = stages[stage] or {}
         status = str(rec.get("status", "?"))
         metric = key_metric(stage, rec.get("metrics"))
-        if metric == "-" and status == "failed" and rec.get("error"):
+        if metric == "-" and status in ("failed", "interrupted") and rec.get("error"):
             err = " ".join(str(rec["error"]).split())
-            metric = "error: " + (err if len(err) <= 60 else err[:57] + "...")
+            prefix = "" if status == "interrupted" else "error: "
+            metric = prefix + (err if len(err) <= 60 else err[:57] + "...")
         wall = format_seconds(rec.get("wall_s"))
         if status == "running" and rec.get("wall_s") is None:
             t0 = parse_time(rec.get("started"))

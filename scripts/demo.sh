@@ -18,11 +18,33 @@ step() {  # name, command...
 # 0. a tiny model built offline (random init; the demo SFT trains it from scratch) and the demo data
 [ -f .demo/model/config.json ] || step model rlchat new-model .demo/model --arch llama --size demo --corpus demo --overwrite
 step data rlchat demo-data .demo/data
-# 1-4. the pipeline
-step sft rlchat sft --config "$RECIPE" --run-dir "$RUN" --overwrite
-step reward rlchat train-reward --config "$RECIPE" --run-dir "$RUN" --overwrite
-step ppo rlchat ppo --config "$RECIPE" --run-dir "$RUN" --overwrite
-step eval rlchat eval --config "$RECIPE" --run-dir "$RUN" --overwrite
+# 1-4. the pipeline. Rerunning after an interruption keeps what finished: a finished stage is skipped, an
+# interrupted one resumes from its last checkpoint (the same command, without --overwrite), and the stages after
+# a stage that ran again are redone (--overwrite: they were built on the old one). `make demo-clean` starts afresh.
+stage_done() {  # true when RUN/run.json says the stage finished
+  python3 -c 'import json, sys
+try:
+    stages = json.load(open(sys.argv[1] + "/run.json"))["stages"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(0 if (stages.get(sys.argv[2]) or {}).get("status") == "done" else 1)' "$RUN" "$1"
+}
+redo=""
+stage() {  # manifest stage name, command...
+  local name="$1"; shift
+  if [ -z "$redo" ] && stage_done "$name"; then
+    echo "==> $name: already done in $RUN, skipped (make demo-clean to start afresh)"
+  elif [ -n "$redo" ]; then
+    step "$name" "$@" --overwrite
+  else
+    redo=1
+    step "$name" "$@"
+  fi
+}
+stage sft rlchat sft --config "$RECIPE" --run-dir "$RUN"
+stage reward rlchat train-reward --config "$RECIPE" --run-dir "$RUN"
+stage ppo rlchat ppo --config "$RECIPE" --run-dir "$RUN"
+stage eval rlchat eval --config "$RECIPE" --run-dir "$RUN"
 rlchat status "$RUN"
 [ -f "$RUN/eval/report.md" ] && cat "$RUN/eval/report.md"
 echo -n "stage times (s):"

@@ -1,6 +1,7 @@
 """CLI: --help of every command, fast startup, and the SFT bad inputs (exit code 2, one line, run dir untouched)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -142,14 +143,103 @@ def test_unknown_key_reports_all_problems_at_once(tmp_path, tiny_model, run_dir)
     recipe.write_text("sft:\n  learning_rat: 0.001\n  epochz: 2\n  batch_size: 0\n")
     res = runner.invoke(app, ["sft", "--run-dir", str(run_dir), "--config", str(recipe), "--model",
                               str(tiny_model), "--dataset", "x.jsonl"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    # a short head, one indented line per problem (each with its fix), then the fix: not one 1,000-character line
+    lines = res.output.strip().splitlines()
+    assert lines[0] == "error: 3 problems in the sft config:", res.output
+    assert len(lines) == 5 and all(line.startswith("  - ") for line in lines[1:4]), res.output
+    assert "'learning_rat'" in lines[1] and "did you mean 'lr'?" in lines[1]
+    assert "'epochz'" in lines[2] and "did you mean 'epochs'?" in lines[2]
+    assert "batch_size must be > 0" in lines[3]
+    assert lines[4].startswith("Fix:") and "rlchat sft --help" in lines[4]
+    assert max(len(line) for line in lines) < 200 + len(str(recipe)), res.output
+
+
+def test_unknown_key_without_a_close_name_lists_the_nearest_few(tmp_path, run_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reward:\n  zzqx_thing: 1\n")
+    res = runner.invoke(app, ["train-reward", "--run-dir", str(run_dir), "--config", str(recipe)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (line,) = [line for line in res.output.splitlines() if line.strip()]
+    nearest = re.search(r"the nearest keys there: ([a-z_, ]+) \(every key: `rlchat train-reward --help`\)", line)
+    assert nearest, line
+    assert len(nearest.group(1).split(", ")) == 3 and "did you mean" not in line
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--learning-rate", "did you mean --lr?"),
+    ("--learning_rate", "did you mean --lr?"),
+    ("--use_peft", "LoRA is rlchat's default; full trains all weights instead"),
+    ("--model_name_or_path", "did you mean --model?"),
+    ("--output_dir", "did you mean --run-dir?"),
+    ("--per_device_train_batch_size", "did you mean --batch-size?"),
+    ("--gradient_accumulation_steps", "did you mean --grad-accum?"),
+    ("--num_train_epochs", "did you mean --epochs?"),
+    ("--lr_scheduler_type", "did you mean --lr-scheduler?"),
+    ("--torch_dtype", "did you mean --dtype?"),
+    ("--max_seq_length", "did you mean --max-length?"),
+    ("--dataset_test_split", "did you mean --eval-split?"),
+    ("--max_steps", "did you mean --max-steps?"),  # rlchat's own name with underscores
+])
+def test_trl_spellings_get_the_rlchat_flag(flag, expected, run_dir):
+    res = runner.invoke(app, ["sft", "--run-dir", str(run_dir), flag, "1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (line,) = [line for line in res.output.splitlines() if line.strip()]
+    assert line.startswith(f"error: no such option {flag}") and expected in line, line
+    # click's own guesses (--logging-steps for --learning-rate, --seed for --use_peft) are gone
+    assert "--logging-steps" not in line and "--seed" not in line, line
+    assert not (run_dir / "run.json").exists()
+
+
+def test_unknown_flag_far_from_every_name_gets_no_guess(run_dir):
+    res = runner.invoke(app, ["ppo", "--run-dir", str(run_dir), "--frobnicate", "1"])
     assert res.exit_code == 2
-    for word in ("learning_rat", "epochz", "batch_size"):
-        assert word in res.output
-    # the list of valid keys, as keys: `lr` one of them, the unknown ones not
-    valid = re.search(r"valid keys there: ([a-z_, ]+);", res.output)
-    assert valid, res.output
-    keys = valid.group(1).split(", ")
-    assert "lr" in keys and "epochs" in keys and "learning_rat" not in keys and "epochz" not in keys, keys
+    assert "no such option --frobnicate. Fix: see `rlchat ppo --help`." in res.output
+    assert "did you mean" not in res.output
+    # a TRL name of a setting this stage lacks says so
+    res = runner.invoke(app, ["ppo", "--run-dir", str(run_dir), "--dataset_test_split", "test"])
+    assert "TRL's dataset_test_split is eval_split in rlchat, which this command does not have" in res.output
+
+
+@pytest.mark.parametrize("command", ["sft", "train-reward", "ppo", "eval"])
+def test_stage_help_shows_every_default(command):
+    from rlchat.cli import STAGE_COMMANDS
+    from rlchat.config import STAGE_CONFIGS
+
+    stage = next(s for s, spec in STAGE_COMMANDS.items() if spec[0] == command)
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    rows = {}  # first flag of an option -> its help text, joined over wrapped lines
+    flag = None
+    for line in res.output.splitlines():
+        cell = line.strip().strip("│").strip()
+        if line.startswith("│ --"):  # a row's first column (wrapped help text is indented)
+            flag = cell.split()[0]
+            rows[flag] = cell
+        elif flag is not None and cell and not line.lstrip().startswith(("╰", "╭")):
+            rows[flag] += " " + cell
+        else:
+            flag = None
+    for f in dataclasses.fields(STAGE_CONFIGS[stage]):
+        if f.default is None:
+            continue
+        shown = (f.name.replace("_", "-") if f.default else "no-" + f.name.replace("_", "-")) if isinstance(
+            f.default, bool) else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        row = " ".join(rows["--" + f.name.replace("_", "-")].split())
+        assert f"[default: {shown}]" in row, (f.name, row)
+
+
+def test_help_defaults_do_not_override_a_recipe(tmp_path, monkeypatch):
+    # precedence stays defaults < recipe < explicit flags: an option left out passes nothing
+    from rlchat import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_stage", lambda stage, module, recipe, overrides, *a, **k: seen.update(overrides))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sft: {lr: 0.001, lr_scheduler: cosine}\n")
+    res = runner.invoke(app, ["sft", "--config", str(recipe), "--run-dir", "r", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"run_dir": "r", "epochs": 2.0}
 
 
 def test_status_of_missing_run_is_a_clean_error(tmp_path):

@@ -87,18 +87,49 @@ def test_policy_metrics_by_hand():
     from rlchat.stages.evaluate import PolicyResult, policy_metrics
 
     r = PolicyResult(responses=list(DISTINCT_TEXTS), response_ids=[[5, 6, 2], [5, 6], [7], [5, 6, 7, 2]],
-                     eos=[True, False, False, True], kl=[0.5, 0.0, 1.0, 2.5], reward=[1.0, 2.0, 3.0, 4.0],
-                     judge=[None] * 4)
+                     eos=[True, False, False, True], log_ratio=[0.5, 0.0, 1.0, -2.5], reward=[1.0, 2.0, 3.0, 4.0],
+                     judge=[None] * 4, kl_k1=[[0.5, 1.5], [0.0, 0.0], [1.0, 3.0], [2.5, 0.5]],
+                     kl_k3=[[0.1], [0.2], [0.3], [0.4]])
     m = policy_metrics(r)
     assert m["n"] == 4
     assert m["distinct_1"] == pytest.approx(5 / 10, abs=1e-12)  # the texts above
     assert m["distinct_2"] == pytest.approx(4 / 6, abs=1e-12)
     assert m["mean_length"] == pytest.approx((3 + 2 + 1 + 4) / 4)  # tokens, the stop token included
     assert m["eos_rate"] == pytest.approx(2 / 4)
-    assert m["kl_to_ref"] == pytest.approx(4.0 / 4)
+    # KL: prompt means 1.0, 0.0, 2.0, 1.5 -> mean 1.125; SE = sample std of the prompt means / sqrt(4)
+    assert m["kl_to_ref"] == pytest.approx(1.125)
+    sd = math.sqrt(sum((x - 1.125) ** 2 for x in (1.0, 0.0, 2.0, 1.5)) / 3)
+    assert m["kl_to_ref_se"] == pytest.approx(sd / 2)
+    assert m["kl_to_ref_k3"] == pytest.approx(0.25) and m["kl_samples"] == 8
+    assert m["mean_log_ratio"] == pytest.approx(-1.0 / 4)   # the evaluated responses' log-ratio is not the KL
     # rewards 1..4: mean 2.5, sample std sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3) = sqrt(5 / 3)
     assert m["mean_reward"] == pytest.approx(2.5) and m["std_reward"] == pytest.approx(math.sqrt(5 / 3))
     assert m["mean_judge"] is None and m["std_judge"] is None  # no judge
+
+
+def test_kl_text_never_shows_a_negative_kl():
+    from rlchat.stages.evaluate import kl_text
+
+    assert kl_text({"kl_to_ref": 0.213, "kl_to_ref_se": 0.04}) == "KL 0.21 ± 0.04 nats"
+    noise = kl_text({"kl_to_ref": -0.05, "kl_to_ref_se": 0.04})
+    assert noise.startswith("KL ~0 nats") and "within noise" in noise and "-0.05 ± 0.04" in noise
+    assert "beyond 2 standard errors" in kl_text({"kl_to_ref": -0.5, "kl_to_ref_se": 0.04})
+
+
+def test_token_logprobs_at_a_temperature_match_one_forward_pass():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlchat.generation import token_logprobs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    prompts, responses = [[1, 2, 3], [4]], [[11, 12], [13, 14, 15]]
+    got = token_logprobs(model, prompts, responses, pad_id=0, temperature=0.5)
+    for p, r, g in zip(prompts, responses, got):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0] / 0.5, dim=-1)
+        assert g == pytest.approx([logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(r)], abs=1e-4)
 
 
 def test_batched_logprobs_and_generation_match_unpadded_with_absolute_positions():
@@ -176,7 +207,7 @@ def test_render_on_its_own_skips_missing_stages(tmp_path):
     _fake_stage(run, "sft", sft_rows)
     out = report.render(run.path)
     assert set(out["plots"]) == {"sft_loss"}
-    assert set(out["skipped"]) == {"reward_training", "ppo_training", "score_distribution"}
+    assert set(out["skipped"]) == {"reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution"}
     png = Path(out["plots"]["sft_loss"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = Path(out["report_md"]).read_text()
@@ -187,13 +218,24 @@ def test_render_on_its_own_skips_missing_stages(tmp_path):
     _fake_stage(run, "ppo", ppo_rows, parent="sft")
     out = report.render(run.path)
     assert "ppo_training" in out["plots"]   # a partial set of PPO keys still plots (the rest say "no ... logged")
+    assert "--eval-every" in out["skipped"]["ppo_overoptimisation"]  # no held-out rows
+    # with held-out rows (ppo --eval-every): the over-optimisation plot, proxy and judge against sqrt(KL)
+    for r in ppo_rows[1::2]:
+        r.update({"heldout/kl": r["step"] / 4, "heldout/score": r["step"] / 10,
+                  "heldout/judge": 0.5 - (r["step"] - 4) ** 2 / 100})
+    _fake_stage(run, "ppo", ppo_rows, parent="sft")
+    out = report.render(run.path)
+    assert Path(out["plots"]["ppo_overoptimisation"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ppo_overoptimisation.png" in Path(out["report_md"]).read_text()
 
 
 # ------------------------------------------------------------------------------------------- the tiny run
 
 
-def make_fake_ppo(run_path: Path) -> None:
-    """A stand-in for the PPO stage: a LoRA policy adapter with random non-zero B on the SFT-merged model."""
+def make_fake_ppo(run_path: Path, b_std: float = 0.3, overwrite: bool = False, temperature: float | None = None,
+                  best: bool = False) -> None:
+    """A stand-in for the PPO stage: a LoRA policy adapter with random B (std b_std; 0 = the SFT policy itself)
+    on the SFT-merged model; `temperature` goes into the manifest's ppo config like the real stage's."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -209,10 +251,20 @@ def make_fake_ppo(run_path: Path) -> None:
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.3)
-    d = run.begin_stage("ppo", config={"fake": True}, inputs={}, parent="sft", overwrite=False)
+                p.normal_(0, b_std) if b_std > 0 else p.zero_()
+    config = {"fake": True} if temperature is None else {"fake": True, "temperature": temperature}
+    d = run.begin_stage("ppo", config=config, inputs={}, parent="sft", overwrite=overwrite)
     with atomic_dir(d / "policy") as tmp:
         peft_model.save_pretrained(tmp)
+    outputs = {}
+    if best:  # RUN/ppo/best as ppo --eval-every keeps it: another adapter (other B weights)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        with atomic_dir(d / "best") as tmp:
+            peft_model.save_pretrained(tmp)
+        outputs["best"] = "ppo/best"
     rng = random.Random(0)
     for s in range(1, 41):
         append_jsonl(d / "metrics.jsonl", {
@@ -225,7 +277,7 @@ def make_fake_ppo(run_path: Path) -> None:
 
     run.finish_stage("ppo", metrics={"objective/scores": 0.8},   # the outputs the real PPO stage records
                      outputs={"kind": "lora", "policy": "ppo/policy", "metrics": "ppo/metrics.jsonl",
-                              "base": "sft", "base_hash": resolve_base(run, None).hash})
+                              "base": "sft", "base_hash": resolve_base(run, None).hash, **outputs})
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +332,12 @@ def test_report_json_schema_and_values_from_responses(evaluated):
         assert m["mean_judge"] == pytest.approx(sum(p["judge"] for p in per) / N_PROMPTS)
         assert m["std_judge"] == pytest.approx(
             math.sqrt(sum((p["judge"] - m["mean_judge"]) ** 2 for p in per) / (N_PROMPTS - 1)))
-        assert m["kl_to_ref"] == pytest.approx(sum(p["kl"] for p in per) / N_PROMPTS)
+        kl = sum(sum(p["kl_k1"]) / len(p["kl_k1"]) for p in per) / N_PROMPTS   # prompt means, then their mean
+        assert m["kl_to_ref"] == pytest.approx(kl)
+        assert m["mean_log_ratio"] == pytest.approx(sum(p["log_ratio"] for p in per) / N_PROMPTS)
+        if name != "sft":
+            assert all(len(p["kl_k1"]) == 4 for p in per) and m["kl_samples"] == 4 * N_PROMPTS
+            assert m["kl_to_ref_se"] > 0 and m["kl_to_ref_k3"] >= 0
         assert m["mean_length"] == pytest.approx(sum(p["length"] for p in per) / N_PROMPTS)
         assert m["eos_rate"] == pytest.approx(sum(p["eos"] for p in per) / N_PROMPTS)
         assert all(1 <= p["length"] <= MAX_NEW for p in per)
@@ -290,6 +347,7 @@ def test_report_json_schema_and_values_from_responses(evaluated):
         assert m["distinct_2"] == pytest.approx(own_distinct(texts, 2), abs=1e-12), name
     assert rep["policies"]["sft"]["kl_to_ref"] == 0.0
     assert rep["policies"]["ppo"]["kl_to_ref"] != 0.0  # the adapter's B weights are non-zero
+    assert rep["settings"]["kl_temperature"] == 1.0 and rep["settings"]["kl_samples_per_prompt"] == 4
     pairs = [(c["a"], c["b"]) for c in rep["comparisons"]]
     assert pairs == [("ppo", "sft"), ("ppo", "base"), ("sft", "base")]
     for c in rep["comparisons"]:
@@ -336,7 +394,7 @@ def _own_logprob_sum(model, prompt_ids: list[int], response_ids: list[int]) -> f
 @pytest.mark.slow
 def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
     """Separately loaded models (PPO merged into the weights, SFT on its own), one prompt at a time, no padding:
-    the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `kl`."""
+    the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `log_ratio`."""
     import torch
 
     from rlchat import run_models
@@ -359,7 +417,72 @@ def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
         assert tok.decode(response, skip_special_tokens=True).strip() == stored["response"]
         assert len(response) == stored["length"]
         kl = _own_logprob_sum(ppo, prompt_ids, response) - _own_logprob_sum(sft, prompt_ids, response)
-        assert kl == pytest.approx(stored["kl"], abs=2e-3, rel=1e-3)
+        assert kl == pytest.approx(stored["log_ratio"], abs=2e-3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_eval_of_a_ppo_policy_equal_to_sft_reports_no_negative_kl_and_says_answers_are_identical(trained_run,
+                                                                                                   tmp_path):
+    """The issue-14 case: PPO's greedy answers equal SFT's. A zero-weight adapter makes PPO the SFT policy itself,
+    so the KL is 0 (never negative), every greedy answer is identical, and the report says so and adds a sampled
+    comparison at the PPO stage's temperature (0.8 in its manifest config)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    make_fake_ppo(run, b_std=0.0, overwrite=True, temperature=0.8)
+    res = invoke("eval", "--run-dir", run, "--dataset", trained_run["prompts"], "--judge", JUDGE,
+                 "--max-prompts", 8, "--max-new-tokens", 12, "--batch-size", 4, "--kl-samples", 2, "--overwrite")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    ppo = rep["policies"]["ppo"]
+    assert ppo["kl_to_ref"] >= 0 and ppo["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert ppo["kl_to_ref_k3"] >= 0 and ppo["kl_samples"] == 16
+    assert rep["settings"]["kl_temperature"] == 0.8 and rep["settings"]["decoding"] == "greedy"
+    c = rep["comparisons"][0]
+    assert (c["a"], c["b"]) == ("ppo", "sft") and c["identical"] == 1.0 and c["win_rate_judge"] == 0.5
+    sampled = c["sampled"]
+    assert sampled is not None and sampled["temperature"] == 0.8 and sampled["n"] == 8
+    assert sampled["win_rate_judge"] is not None and sampled["win_rate_reward"] is not None
+    assert "100% of the answers are identical" in rep["summary"] and "sampled at T=0.8" in rep["summary"]
+    assert "KL 0.00" in rep["summary"] and "-0." not in rep["summary"]
+    md = (run / "eval" / "report.md").read_text()
+    assert "are identical" in md and "Sampled comparison" in md and "PPO sampling temperature 0.8" in md
+    rows = read_jsonl(run / "eval" / "responses.jsonl")
+    assert all(r["policies"]["sft"]["sample"] is not None for r in rows)  # sft sampled for the comparison
+
+
+@pytest.mark.slow
+def test_eval_and_export_use_the_best_ppo_policy(trained_run, tmp_path):
+    """ppo --eval-every keeps RUN/ppo/best: eval evaluates it as policy 'ppo-best' by default, and export/chat take
+    --stage ppo-best; its greedy answers are those of the best adapter merged on its own (not the final one)."""
+    import torch
+
+    from rlchat.export import load_policy
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    make_fake_ppo(run, overwrite=True, best=True)
+    res = invoke("eval", "--run-dir", run, "--dataset", trained_run["prompts"], "--max-prompts", 4,
+                 "--max-new-tokens", 8, "--batch-size", 4, "--kl-samples", 1, "--overwrite")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert list(rep["policies"]) == ["sft", "ppo", "ppo-best"]
+    assert ("ppo-best", "sft") in [(c["a"], c["b"]) for c in rep["comparisons"]]
+    rows = read_jsonl(run / "eval" / "responses.jsonl")
+    best, tok = load_policy(run, "ppo-best", merge=True)
+    final, _ = load_policy(run, "ppo", merge=True)
+    row = rows[0]
+    text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    outs = {}
+    for name, model in (("ppo-best", best), ("ppo", final)):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        outs[name] = tok.decode(out, skip_special_tokens=True).strip()
+        assert outs[name] == row["policies"][name]["response"], name
+    # a run without best/: a one-line error naming --eval-every
+    res = invoke("export", trained_run["run"], tmp_path / "out", "--stage", "ppo-best")
+    assert res.exit_code == 2 and "--eval-every" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.slow

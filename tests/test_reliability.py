@@ -876,10 +876,12 @@ def test_trainer_outputs_stay_inside_the_stage_directory(tmp_path, monkeypatch):
     from rlchat.stages.common import trainer_args
 
     monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "run" / "sft" / "checkpoints"
     for report_to in ("tensorboard", "wandb"):
         args = trainer_args(SFTConfig(run_dir=str(tmp_path / "run"), report_to=report_to), out, has_eval=False)
         assert Path(args["output_dir"]) == out
-        if report_to == "tensorboard":
-            assert Path(args["logging_dir"]).parent == out.parent
+        assert "logging_dir" not in args  # transformers 5's TrainingArguments has none (a TypeError)
+    # transformers' TensorBoardCallback reads this variable (tests/test_artifacts.py reads the event files back)
+    assert Path(os.environ["TENSORBOARD_LOGGING_DIR"]).parent == out.parent
     assert Path(os.environ["WANDB_DIR"]) == out.parent

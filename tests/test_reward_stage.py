@@ -116,7 +116,10 @@ def test_reward_model_learns_held_out_preferences(trained):
     assert m["chosen_mean"] > m["rejected_mean"]
     assert (m["n_train"], m["n_eval"], m["n_truncated"], m["n_identical_skipped"]) == (800, 200, 0, 0)
     assert m["steps"] == 200 and math.isfinite(m["train_loss"])
-    assert "held-out accuracy" in m["summary"] and str(trained["run"]) in m["summary"]
+    assert "eval_accuracy" in m["summary"] and str(trained["run"]) in m["summary"]
+    # the reward model's health: a good model on 200 held-out pairs is above chance and not collapsed
+    assert m["warnings"] == [] and m["accuracy_ci"][0] > 0.8 and 0 <= m["calibration_ece"] <= 1
+    assert "ECE" in m["summary"] and "warning" not in m["summary"]
     print(f"\nheld-out accuracy {m['eval_accuracy']:.3f} (untrained {trained['untrained_acc']:.3f}), "
           f"stage {m['wall_s']:.1f}s, test fixture {trained['wall']:.1f}s")
 
@@ -432,3 +435,24 @@ def test_pair_stats_by_hand():
     assert s["accuracy"] == pytest.approx(1 / 3) and s["margin"] == pytest.approx(0.0)
     assert s["chosen_mean"] == pytest.approx(1.0) and s["rejected_mean"] == pytest.approx(1.0)
     assert s["mean"] == pytest.approx(1.0) and s["std"] == pytest.approx(math.sqrt(4 / 6))
+
+
+def test_reward_health_calibration_by_hand_and_its_warnings():
+    from rlchat.pairs import reward_health
+
+    # margins 0 (p 0.5, conf 0.5, wrong: a tie), ln 3 (p 0.75, right), -ln 3 (p 0.25, conf 0.75, wrong), ln 9 (p 0.9)
+    ln3, ln9 = math.log(3), math.log(9)
+    h = reward_health([0.0, ln3, 0.0, ln9], [0.0, 0.0, ln3, 0.0])
+    assert h["accuracy"] == pytest.approx(0.5)
+    # bins of confidence over [0.5, 1] in tenths: 0.5 -> bin 0 {wrong}; 0.75 -> bin 5 {right, wrong}; 0.9 -> bin 8
+    # ECE = 1/4 |0 - 0.5| + 2/4 |0.5 - 0.75| + 1/4 |1 - 0.9| = 0.125 + 0.125 + 0.025
+    assert h["ece"] == pytest.approx(0.275)
+    assert h["mean_confidence"] == pytest.approx((0.5 + 0.75 + 0.75 + 0.9) / 4)
+    assert h["mean_abs_error"] == pytest.approx(1 - (0.5 + 0.75 + 0.25 + 0.9) / 4)
+    assert len(h["warnings"]) == 1 and "not above chance" in h["warnings"][0]   # 4 pairs: CI reaches 0.5
+    # a good model on enough pairs: no warning; a constant reward: collapsed (and at chance: ties count as wrong)
+    good = reward_health([1.0 + 0.01 * i for i in range(100)], [-1.0] * 100)
+    assert good["accuracy"] == 1.0 and good["warnings"] == []
+    flat = reward_health([0.3] * 100, [0.3] * 100)
+    assert any("collapsed to a constant" in w for w in flat["warnings"])
+    assert any("not above chance" in w for w in flat["warnings"])

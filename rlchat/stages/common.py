@@ -11,8 +11,10 @@
   rows it logged after the checkpoint, so metrics.jsonl reads as one uninterrupted run.
 - `train_or_restore(trainer, resume_from, end_step)`: trainer.train() resuming from the checkpoint, except when
   that checkpoint is already the last step (restored without training: transformers would add a step).
-- `stage_lifecycle(run, stage)`: marks the stage failed in the manifest if anything raises; a full disk, a
-  read-only run directory or running out of memory become one-line RlchatErrors (see `resource_error`).
+- `stage_lifecycle(run, stage)`: marks the stage failed (or "interrupted" on Ctrl-C / SIGTERM) in the manifest if
+  anything raises; known library errors become one-line RlchatErrors (`known_error`: a full disk, a read-only run
+  directory, running out of memory, a refused checkpoint pickle, a chat template error), anything else becomes one
+  line naming RUN/<stage>/error.log, where the full traceback is (the last line of defence).
 - `trainer_stage(run, stage, cfg, mode, inputs, parent)` and `train(trainer, begun, stage)`: the opening and the
   training call that sft and reward share (begin the stage, config.yaml, clean up after a kill, find the checkpoint
   to resume from; then drop the Trainer's printer, count parameters, train or restore).
@@ -65,6 +67,11 @@ def trainer_args(cfg, out_dir: Path, has_eval: bool) -> dict:
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
         learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5 reads a float < 1 as a fraction of the steps (warmup_ratio is deprecated); config
+        # validation allows one of the two
+        warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -78,16 +85,22 @@ def trainer_args(cfg, out_dir: Path, has_eval: bool) -> dict:
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        bf16=use_bf16(),
+        # mixed precision: bfloat16 autocast on a GPU that has it, unless --dtype float32 asks for full precision
+        bf16=use_bf16() and getattr(cfg, "dtype", "auto") != "float32",
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=bool(cfg.gradient_checkpointing),
         disable_tqdm=True,
+        # every trainable parameter (LoRA matrices, a reward score head, or all weights) gets a gradient each
+        # step; transformers' default (True for a PeftModel) makes DDP warn about it once per process
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         remove_unused_columns=True,
     )
     if cfg.report_to == "tensorboard":
-        args["logging_dir"] = str(out_dir.parent / "tensorboard")
+        # transformers 5 dropped TrainingArguments.logging_dir: its TensorBoardCallback reads this variable (when
+        # the Trainer is built), so the event files land in RUN/<stage>/tensorboard as ppo's do
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir.parent / "tensorboard")
     if cfg.report_to == "wandb":  # wandb writes its files to ./wandb unless told: keep them in RUN/<stage>/
         os.environ.setdefault("WANDB_DIR", str(out_dir.parent))
     return args
@@ -148,9 +161,23 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
-# settings that shape the saved weights: a resume must keep them (batch size, lengths, lr, ... may change, e.g.
-# to get past an out-of-memory error)
-RESUME_KEYS = ("full", "lora_r", "lora_alpha", "lora_target_modules")
+# settings that shape the saved weights: a resume must keep them (batch size, lengths, ... may change, e.g.
+# to get past an out-of-memory error). lr and weight_decay too: the Trainer restores the scheduler (its base lr)
+# from the checkpoint, so a new value would be recorded in run.json but never used.
+RESUME_KEYS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "weight_decay",
+               # the precision the weights were trained in, and the shape of the learning-rate schedule (the
+               # restored scheduler would continue a curve the new settings do not describe)
+               "dtype", "lr_scheduler", "warmup_ratio", "warmup_steps")
+
+
+def as_flag(key: str, value) -> str:
+    """A config value as the command-line flag that sets it: --lr 0.0001, --full / --no-full, --x a,b."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return f"--{name} {value}"
 
 
 def check_resume_settings(run, stage: str, cfg) -> None:
@@ -159,8 +186,10 @@ def check_resume_settings(run, stage: str, cfg) -> None:
     changed = [k for k in RESUME_KEYS if k in old_cfg and hasattr(cfg, k) and old_cfg[k] != getattr(cfg, k)]
     if changed:
         detail = ", ".join(f"{k} {old_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        olds = " ".join(as_flag(k, old_cfg[k]) for k in changed)
         raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained with "
-                          f"{detail}", "rerun with the same settings to resume, or add --overwrite to start afresh")
+                          f"{detail}", f"rerun with the same settings to resume ({olds}), or add --overwrite to "
+                          "start afresh")
 
 
 def _step(row: dict) -> float:
@@ -197,6 +226,7 @@ def prepare_resume(stage_dir: Path, resume_from: Path | None) -> None:
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
     remove_leftovers(stage_dir)
+    drop_pickled_args(ckpt_dir)  # a kill between the Trainer's save and our callback leaves one behind
     if ckpt_dir.is_dir():
         for _, path in _checkpoints(ckpt_dir):
             if path != resume_from and checkpoint_problem(path) is not None:
@@ -227,7 +257,7 @@ def final_step(cfg, old_config: dict | None, resume_from: Path | None) -> int | 
         return cfg.max_steps
     if resume_from is None or not old_config:
         return None
-    keys = ("epochs", "batch_size", "grad_accum", "eval_fraction", "packing", "max_length")
+    keys = ("epochs", "batch_size", "grad_accum", "eval_fraction", "eval_split", "packing", "max_length")
     if any(old_config.get(k) != getattr(cfg, k, None) for k in keys if k in old_config):
         return None
     state = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -265,6 +295,11 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
+def _says_disk_full(err: BaseException) -> bool:
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
 def resource_error(stage: str, err: BaseException) -> RlchatError | None:
     """`err` as a one-line RlchatError when it is a resource problem (out of memory, full disk, read-only or
     unwritable run directory), else None."""
@@ -275,6 +310,9 @@ def resource_error(stage: str, err: BaseException) -> RlchatError | None:
         knobs = OOM_KNOBS.get(stage, "lower --batch-size")
         then = ("then rerun: it resumes from the last checkpoint" if stage in RESUMABLE else "then rerun")
         return OutOfMemory(f"{stage} ran out of memory ({what[:200]})", f"{knobs}; {then}")
+    if not isinstance(err, OSError) and _says_disk_full(err):
+        # safetensors' writer reports a full disk as SafetensorError("... No space left on device ..."), not OSError
+        err = OSError(errno.ENOSPC, "No space left on device")
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
         where = err.filename or "the run directory"
         kept = ("the last complete checkpoint is kept and the same command resumes from it" if stage in RESUMABLE
@@ -307,23 +345,82 @@ def oom_guard(stage: str):
         raise
 
 
+def refused_pickle_text(err: BaseException) -> str:
+    """What torch's safe loader refused ("Unsupported global: GLOBAL argparse.Namespace was not an allowed global by
+    default"), from its "Weights only load failed" message, WITHOUT its advice to re-run with weights_only=False or
+    to allowlist the class (both would turn the protection off); one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s*Please use|\.\s|$)", text, re.S)
+    if found:
+        text = found.group(1)
+    else:
+        for cut in ("Weights only load failed", "Re-running", "In PyTorch 2.6", "Check the documentation"):
+            text = text.split(cut)[0] if cut != "Weights only load failed" else text.replace(cut, "")
+    text = " ".join(text.split()).strip(" .")
+    return (text or type(err).__name__)[:300]
+
+
+def known_error(stage: str, err: BaseException) -> RlchatError | None:
+    """`err` (raised by a library inside a stage) as a one-line RlchatError when its cause is known: resources
+    (`resource_error`), a checkpoint refused by torch's safe loader, a chat template that rejects the data.
+    None for anything else (the last line of defence in `stage_lifecycle` reports it with its traceback)."""
+    converted = resource_error(stage, err)
+    if converted is not None:
+        return converted
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return RunDirError(f"{stage} refused to load a checkpoint file: it holds objects torch's safe loader "
+                           f"(weights_only=True) does not accept ({refused_pickle_text(err)})",
+                           "rlchat only loads what it wrote; delete that checkpoint directory to resume from the "
+                           "one before it, or rerun with --overwrite")
+    jinja = sys.modules.get("jinja2")
+    if jinja is not None and isinstance(err, jinja.TemplateError):
+        return RlchatError(f"{stage}: the chat template rejected a row of the dataset ({type(err).__name__}: "
+                           f"{first_line(err)[:200]})", "check the roles and content of the dataset's chats "
+                           "(system/user/assistant), or give the model a tokenizer whose template accepts them")
+    return None
+
+
 @contextmanager
 def stage_lifecycle(run, stage: str):
-    """Mark the stage failed (with the error) if the body raises, then re-raise.
+    """Mark the stage failed (with the error) if the body raises, then re-raise it as one line.
 
-    Resource errors (out of memory, no space left, read-only or unwritable run directory) are re-raised as
-    one-line RlchatErrors (`resource_error`), so the CLI prints what to do instead of a traceback."""
+    - Ctrl-C / SIGTERM (KeyboardInterrupt, errors.Terminated): the stage is marked "interrupted" (the same command
+      resumes it) and the interrupt goes on to the CLI, which prints the `interrupted:` line and exits 130 / 143.
+    - known library errors (out of memory, no space left, a read-only run directory, a refused checkpoint pickle,
+      a chat template error) become one-line RlchatErrors (`known_error`);
+    - anything else is the last line of defence: the full traceback goes to RUN/<stage>/error.log and the error
+      becomes errors.UnexpectedError (one line naming the stage, the error and the log; exit code 1).
+    The line the user sees is the one recorded in run.json."""
+    from rlchat import dist
+    from rlchat.errors import INTERRUPTED, unexpected
+
     try:
         yield
-    except BaseException as err:  # KeyboardInterrupt too: the manifest must not say "running" forever
-        converted = resource_error(stage, err)
+    except KeyboardInterrupt:
+        try:
+            run.fail_stage(stage, INTERRUPTED, status="interrupted")
+        except Exception:  # noqa: BLE001 - never mask the interrupt
+            pass
+        raise
+    except BaseException as err:
+        if isinstance(err, RlchatError):
+            converted = err
+        elif not isinstance(err, Exception):  # SystemExit, GeneratorExit: not errors of the stage
+            converted = None
+        else:
+            converted = known_error(stage, err)
+            if converted is None:
+                log_path = run.stage_dir(stage) / "error.log" if dist.is_main() else None
+                converted = unexpected(f"stage '{stage}'", err, log_path)
         text = converted.one_line() if converted is not None else f"{type(err).__name__}: {err}"
         try:
             run.fail_stage(stage, text[:500])
         except Exception:  # noqa: BLE001 - never mask the original error
             pass
-        if converted is not None:
-            raise converted from None
+        if converted is not None and converted is not err:
+            raise converted from err
         raise
 
 
@@ -365,12 +462,40 @@ def trainer_stage(run, stage: str, cfg, mode: str, inputs: dict, parent: str | N
         yield Begun(stage_dir, ckpt_dir, resume_from, old_config, is_main)
 
 
+# transformers' Trainer pickles its TrainingArguments into every checkpoint (an unrestricted pickle: loading it can
+# run code). Nothing loads it: resuming reads the weights (safetensors), optimizer.pt / scheduler.pt / rng_state.pth
+# (torch.load with weights_only=True) and trainer_state.json. So rlchat deletes it as soon as a checkpoint is saved.
+PICKLED_ARGS = "training_args.bin"
+
+
+def drop_pickled_args(ckpt_dir: Path) -> None:
+    """Delete training_args.bin from every checkpoint-N under ckpt_dir (the main process only)."""
+    if Path(ckpt_dir).is_dir():
+        for _, path in _checkpoints(Path(ckpt_dir)):
+            (path / PICKLED_ARGS).unlink(missing_ok=True)
+
+
+try:
+    from transformers import TrainerCallback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
+
+
+class _DropPickledArgs(_Callback):
+    """After each checkpoint save: remove the Trainer's training_args.bin pickle (see PICKLED_ARGS)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            drop_pickled_args(Path(args.output_dir))
+
+
 def train(trainer, begun: Begun, stage: str, cfg):
     """Train (resuming from begun.resume_from) with our progress bar only; (TrainOutput, trainable, total)."""
     from rlchat.models import count_parameters
     from rlchat.progress import console
 
     drop_printer(trainer)
+    trainer.add_callback(_DropPickledArgs())
     trainable, total = count_parameters(trainer.model)
     if begun.resume_from is not None:
         console.print(f"[yellow]{stage}: resuming from {begun.resume_from.name}[/]")

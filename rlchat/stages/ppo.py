@@ -51,7 +51,8 @@ metrics.jsonl: one JSON row every `logging_steps` PPO steps, keys:
     value/explained_variance    1 - Var(returns - values) / Var(returns) of the rollout values (1 = perfect)
     response/length             mean response length in tokens (up to and including the EOS)
     response/eos_rate           fraction of responses that ended with an EOS within response_length
-    lr                          learning rate after this step (linear decay to 0 over the run)
+    lr                          learning rate after this step (--lr-scheduler after --warmup-*; default linear
+                                decay to 0 over the run)
     kl_coef                     KL coefficient used for this step's rewards
     shape/prompt_width          P: prompt tokens per row after left padding (the longest prompt of the batch)
     shape/response_width        R: generated tokens per row (the longest response; generation stops when all end)
@@ -59,6 +60,12 @@ metrics.jsonl: one JSON row every `logging_steps` PPO steps, keys:
     time/scoring_s              seconds in the rollout forward pass and the reward sources
     time/training_s             seconds in the PPO epochs (forward, backward, optimizer)
     episodes_per_s              rollouts per second over the whole step
+    heldout/score, heldout/judge, heldout/kl, heldout/length, heldout/eos_rate
+                                with --eval-every N, on every N-th step and the last: the current policy on the
+                                held-out prompts (rlchat/ppo_heldout.py); the best is kept as RUN/ppo/best/
+Health checks (rlchat/ppo_health.py) read these rows as they are logged: a check that starts to hold (policy not
+moving, KL runaway, entropy collapse, length hacking, value not learning, over-optimisation) is printed once with
+its fix, and the final summary and the manifest's metrics.health list them.
 samples.jsonl: every `sample_every` steps (and the first and last step), a few rows
     {"step", "prompt", "completion", "score", "kl", "length", "has_eos"}.
 
@@ -86,6 +93,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlchat.errors import ConfigError, ModelError, RlchatError, RunDirError
+from rlchat.models import with_load_settings
 from rlchat.ppo_step import LoopState, PPOSetup, StepOutput
 
 STAGE = "ppo"
@@ -112,11 +120,13 @@ class Inputs:
     policy_lora: object         # peft.LoraConfig of the policy (and value) adapter
     layout: dict                # the settings a checkpoint must have been saved with to be resumed
     resume_from: Path | None    # the newest complete checkpoint, when resuming
+    heldout: object = None      # ppo_heldout.HeldOut with --eval-every (its prompts are not trained on), else None
 
 
 # ------------------------------------------------------------------------------------------------------- run
 
 
+@with_load_settings  # every model it loads: cfg.dtype, cfg.attn_implementation
 def run(cfg) -> dict:
     """Train the PPO policy of `cfg.run_dir`; returns the final metrics (and a one-line "summary").
 
@@ -139,13 +149,20 @@ def _run(cfg) -> dict:
     stage_dir = _begin(cfg, inp)  # the first write
     with stage_lifecycle(inp.run, STAGE):
         loop = _start(cfg, inp, s, stage_dir)  # config.yaml, a killed run's leftovers, the checkpoint to resume
+        health = _health_monitor(cfg, stage_dir)  # rlchat/ppo_health.py, fed the rows a resumed run logged
+        if inp.heldout is not None:
+            inp.heldout.restore(health.rows)  # the best held-out score of a resumed run's steps
+            if loop.step == 0 and not any(r.get("step") == 0 for r in health.rows):
+                _heldout_start(cfg, inp, s, loop, health)  # step 0: the starting policy, KL 0 (the curve's origin)
         with _reporting(cfg, s, loop) as report:
             while loop.step < s.total_steps:  # 3. the PPO loop
                 loop.step += 1
                 out = _ppo_step(cfg, s, loop)  # steps 1-7: prompts, sample, score, rewards, GAE, update
                 row = step_metrics(s, loop, out)  # step 8: KL controller, the metrics row
+                _heldout(cfg, inp, s, loop, row)  # --eval-every: heldout/* into the row, RUN/ppo/best/
                 _write_step(cfg, inp, s, loop, out, row, report)  # step 8: log, samples, checkpoint
-        return _finish(cfg, inp, s, loop, t_start)  # 4. final outputs, the summary
+                _check_health(health, row, s.is_main)  # a check that starts to hold is printed once
+        return _finish(cfg, inp, s, loop, t_start, health)  # 4. final outputs, the summary
 
 
 # ------------------------------------------------------------------------------------- 1. validate, 2. build
@@ -181,6 +198,7 @@ def _validate(cfg) -> Inputs:
     resume_from = last_checkpoint(run.checkpoints_dir(STAGE)) if mode == "resume" else None
     if resume_from is not None:
         _check_resumable(run, base, resume_from, layout)
+        _check_resume_settings(run, cfg, resume_from)
     quiet_libraries()
     from transformers.utils import logging as hf_logging
 
@@ -189,11 +207,23 @@ def _validate(cfg) -> Inputs:
     base_lm, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
     prompts, column, n_truncated = load_prompts(cfg.dataset, cfg.split, cfg.dataset_config, tokenizer=tokenizer,
                                                 max_tokens=cfg.max_prompt_length)
+    from rlchat.ppo_heldout import resolve_heldout
+
+    prompts, heldout = resolve_heldout(cfg, prompts, tokenizer)  # --eval-every: held-out prompts, the judge
     stop_ids = stop_token_ids(base_lm, tokenizer)
     policy_lora = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     _check_lora_targets(base_lm, policy_lora)
+    from rlchat import checks
+
+    if not cfg.full:
+        checks.check_lora_targets(base_lm, cfg.lora_target_modules)
+    longest = max(len(p.ids) for p in prompts)
+    positions = checks.max_positions(base_lm)
+    checks.check_fits(base_lm, longest + cfg.response_length,
+                      f"the longest prompt ({longest} tokens) plus response_length ({cfg.response_length})",
+                      f"lower --response-length or --max-prompt-length so that they add up to at most {positions}")
     return Inputs(run, mode, base, plan, base_lm, tokenizer, prompts, column, n_truncated, stop_ids, policy_lora,
-                  layout, resume_from)
+                  layout, resume_from, heldout)
 
 
 def _check_resumable(run, base, resume_from: Path, layout: dict) -> None:
@@ -213,6 +243,48 @@ def _check_resumable(run, base, resume_from: Path, layout: dict) -> None:
                           f"{what} ({'; '.join(changed)})",
                           "rerun with the settings (and --num-processes) of the interrupted run, or pass "
                           "--overwrite to start afresh")
+
+
+# Settings a resumed PPO run may change: they do not change what is trained (grad_accum splits the same minibatch;
+# the others are memory, logging, checkpoint cadence and held-out monitoring). They are used as given and recorded
+# in run.json. Every other setting must equal the interrupted run's (`_check_resume_settings`), and the prompts'
+# content hash too: the checkpoint's optimizer, scheduler, adapters and prompt-sampler position belong to them.
+# reward_fn may change too: fixing a function that returned NaN and resuming from the last checkpoint is the way out
+# of a NaN stop (and a function's code can change under the same name anyway).
+RESUME_MAY_CHANGE = ("run_dir", "overwrite", "trust_remote_code", "report_to", "save_every", "sample_every",
+                     "logging_steps", "gradient_checkpointing", "grad_accum", "attn_implementation", "eval_every",
+                     "eval_prompts", "judge", "reward_fn", "dataset", "split", "dataset_config")
+
+
+def _check_resume_settings(run, cfg, resume_from: Path) -> None:
+    """RunDirError naming every setting that differs from the interrupted run's (run.json's config), with the old
+    values as flags; the dataset is compared by content (a moved file with the same rows resumes)."""
+    from rlchat.config import to_dict
+    from rlchat.fileio import input_record
+
+    rec = run.record(STAGE) or {}
+    old, now = rec.get("config") or {}, to_dict(cfg)
+    changed = [k for k in now if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
+    old_data = (rec.get("inputs") or {}).get("dataset") or {}
+    new_data = input_record(cfg.dataset)
+    data_changed = bool(old_data) and (
+        old_data.get("hash") != new_data.get("hash") if old_data.get("hash") or new_data.get("hash")
+        else (old_data.get("spec"), old.get("split"), old.get("dataset_config")) !=
+        (new_data.get("spec"), cfg.split, cfg.dataset_config))
+    if not changed and not data_changed:
+        return
+
+    diffs = [f"{k} {old[k]!r} -> {now[k]!r}" for k in changed]
+    if data_changed:
+        diffs.append(f"the prompts ({old_data.get('spec')}) have other content")
+    from rlchat.stages.common import as_flag
+
+    olds = " ".join(as_flag(k, old[k]) for k in changed) + (f" --dataset {old_data.get('spec')}" if data_changed
+                                                         else "")
+    raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: settings differ from the interrupted "
+                      f"run's ({'; '.join(diffs)})",
+                      f"rerun with the interrupted run's values ({olds.strip()}), or pass --overwrite to start PPO "
+                      "afresh")
 
 
 def _check_lora_targets(base_lm, lora) -> None:
@@ -271,9 +343,9 @@ def _build(cfg, inp: Inputs) -> PPOSetup:
     # batch_size rollouts per process per step
     total_steps = cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else cfg.episodes // (cfg.batch_size * world)
     total_steps = max(1, total_steps)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5)  # eps 1e-5: N+ details #5 (Adam epsilon)
-    total_updates = total_steps * cfg.ppo_epochs * cfg.mini_batches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / total_updates))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5,  # eps 1e-5: N+ details #5 (Adam epsilon)
+                                  weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(optimizer, cfg, total_steps * cfg.ppo_epochs * cfg.mini_batches)
     # the scheduler is stepped by hand (not prepared): accelerate would step it once per process
     prepared, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (pm.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
@@ -283,6 +355,17 @@ def _build(cfg, inp: Inputs) -> PPOSetup:
     return PPOSetup(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, trainable, world,
                     dist.all_sum if world > 1 else None, total_steps, kl_ctl, PromptSampler(len(inp.prompts), cfg.seed),
                     gen_cfg, inp.prompts, inp.tokenizer, inp.stop_ids, inp.rewards)
+
+
+def lr_schedule(optimizer, cfg, total_updates: int):
+    """transformers' scheduler `cfg.lr_scheduler` over `total_updates` optimizer steps, after a linear warmup of
+    warmup_steps (or warmup_ratio of them). The default, linear with no warmup, is lr x (1 - u / total_updates)."""
+    import math
+
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_updates)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
 
 
 def _param_counts(s: PPOSetup) -> tuple[int, int]:
@@ -332,7 +415,10 @@ def _start(cfg, inp: Inputs, s: PPOSetup, stage_dir: Path) -> LoopState:
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
             if is_oom(err):
                 raise
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            from rlchat.stages.common import refused_pickle_text
+
+            detail = (refused_pickle_text(err) if isinstance(err, pickle.UnpicklingError) else
+                      (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
             raise RunDirError(f"cannot resume from {resume_from}: {type(err).__name__}: {detail}",
                               f"delete {resume_from} to resume from the checkpoint before it, or rerun with "
                               "--overwrite") from None
@@ -401,7 +487,7 @@ def _write_step(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, out: StepOutput,
     checkpoint_now = step % cfg.save_every == 0 and step < s.total_steps
     rngs = dist.gather_objects(rng_state()) if checkpoint_now else None  # every process's RNG
     if s.is_main:
-        if step % cfg.logging_steps == 0 or step == s.total_steps:
+        if step % cfg.logging_steps == 0 or step == s.total_steps or "heldout/score" in row:
             append_jsonl(loop.stage_dir / "metrics.jsonl", row)
             trackers.log(row, step)
         if step % cfg.sample_every == 0 or step in (1, s.total_steps):
@@ -414,7 +500,7 @@ def _write_step(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, out: StepOutput,
             save_checkpoint(loop.ckpt_dir, step, s.core, s.optimizer, s.scheduler, {
                 "step": step, "episodes": loop.episodes, "history": loop.history,
                 "kl_controller": s.kl_ctl.state_dict(), "sampler": s.sampler.state_dict(),
-                "layout": inp.layout}, cfg.model or "sft", rngs)
+                "layout": inp.layout}, _adapter_base(cfg, inp), rngs)
         if progress is not None:
             progress.update(task, completed=step, info=f"score {row['objective/scores']:.3f}  kl "
                                                        f"{row['objective/kl']:.3f}  {row['episodes_per_s']:.1f} ep/s")
@@ -424,8 +510,83 @@ def _write_step(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, out: StepOutput,
 # --------------------------------------------------------------------------------------------- 4. outputs
 
 
-def _finish(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, t_start: float) -> dict:
-    """Step 4: policy/, value/ and tokenizer/ written atomically, the final metrics in the manifest."""
+def _adapter_base(cfg, inp: Inputs) -> str:
+    """base_model_name_or_path of the saved adapters: the plain SFT model directory (RUN/sft/merged or
+    RUN/sft/model, absolute) or --model, so stock peft loads RUN/ppo/policy offline (see run_models)."""
+    from rlchat.run_models import adapter_base_name
+
+    return adapter_base_name(inp.run, cfg.model)
+
+
+def _heldout(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, row: dict) -> None:
+    """--eval-every: score the policy on the held-out prompts (every eval_every steps and at the last), add the
+    heldout/* metrics to the row; a new best is saved as RUN/ppo/best/ (before this step's checkpoint, so a
+    resumed run has it)."""
+    from rlchat.ppo_heldout import evaluate_heldout, save_best
+    from rlchat.progress import console
+
+    held = inp.heldout
+    if held is None or not (loop.step % cfg.eval_every == 0 or loop.step == s.total_steps):
+        return
+    row.update(evaluate_heldout(cfg, s, held, loop.step))
+    better = held.improved(row)
+    if s.is_main:
+        if better:
+            save_best(loop.stage_dir, s.core, _adapter_base(cfg, inp), row, held.metric)
+        judge = f"  judge {row['heldout/judge']:.3f}" if "heldout/judge" in row else ""
+        console.print(f"ppo held-out @ step {loop.step}: score {row['heldout/score']:.3f}{judge}  KL "
+                      f"{row['heldout/kl']:.2f}  length {row['heldout/length']:.1f}"
+                      + ("  (best so far: saved to best/)" if better else ""), highlight=False)
+    s.accelerator.wait_for_everyone()
+
+
+def _heldout_start(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, health) -> None:
+    """The held-out scores of the starting policy (== the reference) as a metrics row of step 0; it is the first
+    candidate for RUN/ppo/best/ (PPO must beat it to replace it)."""
+    from rlchat.fileio import append_jsonl
+
+    row = {"step": 0, "episodes": 0}
+    _heldout(cfg, inp, s, loop, row)
+    if s.is_main:
+        append_jsonl(loop.stage_dir / "metrics.jsonl", row)
+    health.rows.append(row)
+
+
+def _health_monitor(cfg, stage_dir: Path):
+    from rlchat.ppo_health import HealthMonitor
+
+    path = stage_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
+    return HealthMonitor(cfg, rows)
+
+
+def _check_health(health, row: dict, is_main: bool) -> None:
+    from rlchat.progress import console
+
+    for finding in health.add(row):
+        if is_main:
+            console.print(f"[yellow]ppo health: {finding.text}[/]", highlight=False)
+
+
+def _health_summary(health) -> tuple[list[dict], str]:
+    """(the manifest's `health` list, the summary's text): checks that hold at the end, and those that held at
+    some step and no longer do."""
+    if health is None:
+        return [], ""
+    now, earlier = health.final()
+    listed = ([{"check": f.check, "step": f.step, "message": f.message, "fix": f.fix, "at_end": True} for f in now]
+              + [{"check": f.check, "step": f.step, "message": f.message, "fix": f.fix, "at_end": False}
+                 for f in earlier])
+    text = "".join(f"\n  warning: {f.text}" for f in now)
+    text += "".join(f"\n  warning (at step {f.step}, no longer at the end): {f.message}. Fix: {f.fix}."
+                    for f in earlier)
+    return listed, text
+
+
+def _finish(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, t_start: float, health=None) -> dict:
+    """Step 4: policy/, value/ and tokenizer/ written atomically, the final metrics in the manifest (with the
+    health checks' findings)."""
     from rlchat.ppo_checkpoint import save_policy, save_value
     from rlchat.fileio import atomic_dir
 
@@ -433,11 +594,13 @@ def _finish(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, t_start: float) -> d
     outputs = {"kind": "full" if cfg.full else "lora", "policy": "ppo/policy", "value": "ppo/value",
                "tokenizer": "ppo/tokenizer", "base": base.name, "base_hash": base.hash,
                "metrics": "ppo/metrics.jsonl", "samples": "ppo/samples.jsonl"}
+    if inp.heldout is not None and (stage_dir / "best").is_dir():
+        outputs["best"] = "ppo/best"
     if s.is_main:
         with atomic_dir(stage_dir / "policy") as tmp:
-            save_policy(s.core, tmp, cfg.model or "sft")
+            save_policy(s.core, tmp, _adapter_base(cfg, inp))
         with atomic_dir(stage_dir / "value") as tmp:
-            save_value(s.core, tmp, cfg.model or "sft")
+            save_value(s.core, tmp, _adapter_base(cfg, inp))
         with atomic_dir(stage_dir / "tokenizer") as tmp:
             inp.tokenizer.save_pretrained(str(tmp))
     k = max(1, min(5, len(history["scores"]) // 5))
@@ -458,11 +621,22 @@ def _finish(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, t_start: float) -> d
         "resumed_from": inp.resume_from.name if inp.resume_from else None,
         "wall_s": round(wall, 1),
     }
+    metrics["health"], health_text = _health_summary(health)
+    if inp.heldout is not None and inp.heldout.best is not None:
+        metrics["best_step"], metrics["best_by"] = inp.heldout.best_step, inp.heldout.metric
+        metrics["best_value"] = inp.heldout.best
+        for key in ("heldout/score", "heldout/judge", "heldout/kl"):
+            values = [r[key] for r in health.rows if key in r] if health is not None else []
+            if values:
+                metrics[f"{key}_last"] = values[-1]
     inp.run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
     what = "policy model" if cfg.full else "policy adapter"
     metrics["summary"] = (
         f"score {metrics['score_start']:.3f} -> {metrics['score']:.3f} (mean of the first/last {k} steps), "
-        f"KL {metrics['kl']:.3f}, {loop.episodes} episodes in {wall:.0f}s; {what} at {stage_dir / 'policy'}")
+        f"KL {metrics['kl']:.3f}, {loop.episodes} episodes in {wall:.0f}s; {what} at {stage_dir / 'policy'}"
+        + (f"; best held-out {metrics['best_by'].split('/')[1]} {metrics['best_value']:.3f} at step "
+           f"{metrics['best_step']}: {stage_dir / 'best'}" if "best_step" in metrics else "")
+        + health_text)
     return metrics
 
 

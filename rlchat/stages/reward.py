@@ -43,7 +43,8 @@ import time
 from dataclasses import dataclass
 
 from rlchat.errors import ConfigError, DataError, RunDirError
-from rlchat.pairs import pair_stats, read_pairs, rows_text, tokenize_pairs
+from rlchat.models import with_load_settings
+from rlchat.pairs import pair_stats, read_pairs, reward_health, rows_text, tokenize_pairs
 from rlchat.run_models import RewardScorer, load_base_causal, resolve_base
 
 STAGE = "reward"
@@ -53,6 +54,7 @@ MAX_STATS_PAIRS = 2000  # pairs scored for reward_stats.json when there is no he
 # ------------------------------------------------------------------------------------------------------- run
 
 
+@with_load_settings  # every model it loads: cfg.dtype, cfg.attn_implementation
 def run(cfg) -> dict:
     """Train the reward model of `cfg.run_dir`; returns the final metrics (and a one-line "summary")."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -105,28 +107,40 @@ def run(cfg) -> dict:
             "resumed_from": begun.resume_from.name if begun.resume_from else None,
             "wall_s": round(wall, 1),
         }
+        health = reward_health(scored["scores"][:scored["n"]].tolist(), scored["scores"][scored["n"]:].tolist())
+        metrics.update({"accuracy_ci": health["accuracy_ci"], "calibration_ece": health["ece"],
+                        "mean_confidence": health["mean_confidence"], "mean_abs_error": health["mean_abs_error"],
+                        "health_source": source, "warnings": health["warnings"]})
         run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
 
     where = run.path / (outputs["model"] or outputs["adapter"])
-    if source == "eval":
-        head = f"held-out accuracy {stats['accuracy']:.3f}, margin {stats['margin']:.3f} ({metrics['n_eval']} pairs)"
+    if source == "eval":  # the same names and numbers as the progress lines, metrics.jsonl and `rlchat status`
+        head = (f"eval_accuracy {stats['accuracy']:.3f}, eval_margin {stats['margin']:.3f} "
+                f"({metrics['n_eval']} held-out pairs)")
     else:
         head = f"train accuracy {stats['accuracy']:.3f}, margin {stats['margin']:.3f} (no held-out split)"
+    lo, hi = metrics["accuracy_ci"]
+    calib = (f"; accuracy 95% CI [{lo:.3f}, {hi:.3f}], calibration: ECE {metrics['calibration_ece']:.3f}, "
+             f"mean confidence {metrics['mean_confidence']:.3f} (Bradley-Terry p on the "
+             f"{'held-out' if source == 'eval' else 'training'} pairs)")
     metrics["summary"] = (f"{head} in {wall:.0f}s ({metrics['steps']} steps, {metrics['n_train']} pairs); "
-                          f"{outputs['kind']} reward model at {where}")
+                          f"{outputs['kind']} reward model at {where}{calib}"
+                          + "".join(f"\n  warning: {w}." for w in metrics["warnings"]))
     return metrics
 
 
 def _check_run(cfg):
     """(run, mode, base, inputs): the pairs are given, the run directory can take the stage, and a resume
     continues training on the same base and dataset."""
-    from rlchat.rundir import RunDir
     from rlchat.fileio import input_record
+    from rlchat.progress import check_report_to
+    from rlchat.rundir import RunDir
     from rlchat.stages.common import check_resume_settings
 
     if not cfg.dataset:
         raise ConfigError("train-reward needs preference pairs", "pass --dataset (a .jsonl/.json/.parquet/.csv "
                           "file, a save_to_disk directory or a Hub id with chosen/rejected columns)")
+    check_report_to(cfg.report_to)  # a missing tracker package: one line now, not a traceback mid-training
     run = RunDir(cfg.run_dir)
     mode = run.check_can_start(STAGE, cfg.overwrite)
     base = resolve_base(run, cfg.model)
@@ -177,17 +191,27 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     kept = ds.select([p.row for p in pairs])   # so the split works on valid pairs only
     by_row = {p.row: p for p in pairs}
     kept = kept.add_column("_row", [p.row for p in pairs])
-    train_ds, eval_ds = data.split_eval(kept, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_split is None:
+        train_ds, eval_ds = data.split_eval(kept, cfg.eval_fraction, cfg.seed)
+        eval_pairs = [by_row[r] for r in eval_ds["_row"]] if eval_ds is not None else []
+    else:  # an explicit held-out split: all of `split` trains
+        train_ds, eval_pairs = kept, _eval_split_pairs(cfg)
 
     quiet_libraries()
     with oom_guard(STAGE):
         causal, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
     tokenizer.padding_side = "right"  # training batches are right-padded (TRL's collator); recorded when saved
-    train_cols, n_trunc_train, collapsed_train = tokenize_pairs([by_row[r] for r in train_ds["_row"]], tokenizer,
-                                                                cfg.max_length)
-    eval_cols, n_trunc_eval, collapsed_eval = (
-        tokenize_pairs([by_row[r] for r in eval_ds["_row"]], tokenizer, cfg.max_length) if eval_ds is not None
-        else (None, 0, []))
+    from rlchat import checks
+
+    with checks.template_errors(f"a pair of {cfg.dataset}"):
+        train_cols, n_trunc_train, collapsed_train = tokenize_pairs([by_row[r] for r in train_ds["_row"]],
+                                                                    tokenizer, cfg.max_length)
+        eval_cols, n_trunc_eval, collapsed_eval = (
+            tokenize_pairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else (None, 0, []))
+    longest = max(len(ids) for cols in (train_cols, eval_cols) if cols for key in ("chosen_ids", "rejected_ids")
+                  for ids in cols[key]) if train_cols["chosen_ids"] else 0
+    checks.check_fits(causal, longest, f"the longest pair of {cfg.dataset} (cut to max_length {cfg.max_length})",
+                      f"pass --max-length {checks.max_positions(causal)} or less")
     collapsed = collapsed_train + collapsed_eval
     n_truncated = n_trunc_train + n_trunc_eval
     if not train_cols["chosen_ids"]:
@@ -201,11 +225,26 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     set_seed(cfg.seed)  # the score head is freshly initialised
     model = models.seq_cls_from_causal(causal, pad_token_id=tokenizer.pad_token_id)
     del causal
+    if not cfg.full:
+        checks.check_lora_targets(model, cfg.lora_target_modules)
     train_set = Dataset.from_dict({k: v for k, v in train_cols.items() if k != "rows"})
     eval_set = (Dataset.from_dict({k: v for k, v in eval_cols.items() if k != "rows"})
                 if eval_cols and eval_cols["chosen_ids"] else None)
     sets = PairSets(fmt, train_cols, eval_cols, train_set, eval_set, n_truncated, len(identical) + len(collapsed))
     return sets, model, tokenizer
+
+
+def _eval_split_pairs(cfg) -> list:
+    """The preference pairs of --eval-split (the same dataset's held-out split), checked like the training pairs."""
+    from rlchat import data
+    from rlchat.progress import console
+
+    name = f"{cfg.dataset} (split {cfg.eval_split})"
+    ds = data.load_eval_split(cfg.dataset, cfg.eval_split, cfg.dataset_config)
+    fmt = data.detect_preference_format(ds, name)
+    pairs, _ = read_pairs(ds, fmt, name)
+    console.print(f"[bold]reward[/] eval split {cfg.eval_split}: {data.describe(ds, fmt)}", highlight=False)
+    return pairs
 
 
 def _warn_skipped(cfg, n_rows: int, n_pairs: int, identical: list, collapsed: list, n_truncated: int) -> None:
@@ -233,8 +272,13 @@ def _trainer(cfg, begun, model, tokenizer, sets: PairSets):
     from rlchat.progress import TrainerProgress
     from rlchat.stages.common import trainer_args
 
+    targs = trainer_args(cfg, begun.ckpt_dir, has_eval=sets.eval_set is not None)
+    if sets.eval_set is not None and not cfg.eval_steps:
+        # ten held-out evaluations over the run (a float below 1 is a fraction of the total steps), not one per
+        # epoch: two points made a useless accuracy curve. The Trainer also evaluates after the last step.
+        targs.update(eval_strategy="steps", eval_steps=0.1)
     args = TrlRewardConfig(
-        **trainer_args(cfg, begun.ckpt_dir, has_eval=sets.eval_set is not None),
+        **targs,
         max_length=None,   # TRL would drop longer pairs; every pair was already truncated to fit above
         center_rewards_coefficient=cfg.center_rewards_coef or None,
         trust_remote_code=cfg.trust_remote_code,
@@ -244,8 +288,43 @@ def _trainer(cfg, begun, model, tokenizer, sets: PairSets):
         cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="SEQ_CLS")
     progress = TrainerProgress(begun.stage_dir / "metrics.jsonl", "reward",
                                show_keys=("loss", "accuracy", "eval_accuracy"))
-    return RewardTrainer(model=model, args=args, train_dataset=sets.train_set, eval_dataset=sets.eval_set,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
+    return _exact_eval_trainer(RewardTrainer)(
+        model=model, args=args, train_dataset=sets.train_set, eval_dataset=sets.eval_set,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
+
+
+def _exact_eval_trainer(base):
+    """RewardTrainer whose logged eval_accuracy / eval_margin are over all held-out pairs.
+
+    TRL 1.16 logs the mean of per-batch accuracies, so a short last batch weighs as much as a full one (measured:
+    0.7188 in the log while the same model scored 0.760 on the same pairs). Here every evaluation batch's
+    r_chosen - r_rejected is kept and the logged numbers are computed over all pairs at once (chosen strictly
+    above rejected, as `pairs.pair_stats` counts), so the final eval_accuracy equals the stage's summary.
+    """
+    import torch
+
+    class ExactEvalRewardTrainer(base):
+        _eval_diffs: list = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if not self.model.training:
+                with torch.no_grad():
+                    chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+                    diff = self.accelerator.gather_for_metrics((chosen - rejected).float().contiguous())
+                    self._eval_diffs = self._eval_diffs + [diff.cpu()]
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if self._eval_diffs and not self.model.training:
+                diff = torch.cat(self._eval_diffs)
+                self._eval_diffs = []
+                self._metrics["eval"]["accuracy"] = [float((diff > 0).float().mean())]
+                self._metrics["eval"]["margin"] = [float(diff.mean())]
+            super().log(logs, start_time)
+
+    return ExactEvalRewardTrainer
 
 
 def _score_held_out(cfg, trainer, tokenizer, sets: PairSets) -> dict:
@@ -263,6 +342,21 @@ def _score_held_out(cfg, trainer, tokenizer, sets: PairSets) -> dict:
     return {"stats": stats, "reward_stats": reward_stats, "source": source, "cols": cols, "scores": scores, "n": n}
 
 
+def _name_adapter_base(cfg, adapter_dir, base) -> None:
+    """The adapter's base_model_name_or_path: the model it was trained on as a plain directory (RUN/sft/merged or
+    RUN/sft/model, absolute) or --model, so peft's AutoPeftModelForSequenceClassification loads it offline
+    (the model config the Trainer saw names the model SFT started from, which is not this base)."""
+    from rlchat.fileio import atomic_write_json
+    from rlchat.models import read_json_object
+    from rlchat.rundir import RunDir
+    from rlchat.run_models import adapter_base_name
+
+    config = read_json_object(adapter_dir / "adapter_config.json")
+    config["base_model_name_or_path"] = adapter_base_name(RunDir(cfg.run_dir),
+                                                          None if base.name == "sft" else base.name)
+    atomic_write_json(adapter_dir / "adapter_config.json", config)
+
+
 def _write_outputs(cfg, begun, base, tokenizer, scored: dict) -> dict:
     """reward_stats.json, <source>_scores.jsonl and tokenizer/ (main process); the manifest's `outputs`."""
     from rlchat.fileio import atomic_dir, atomic_write_json, atomic_write_text
@@ -276,6 +370,8 @@ def _write_outputs(cfg, begun, base, tokenizer, scored: dict) -> dict:
         for row, c, r in zip(scored["cols"]["rows"], scores[:n].tolist(), scores[n:].tolist())))
     with atomic_dir(stage_dir / "tokenizer") as tmp:
         tokenizer.save_pretrained(tmp)
+    if not cfg.full:
+        _name_adapter_base(cfg, stage_dir / "adapter", base)
     return {
         **trained_outputs(STAGE, cfg.full),
         "base": base.name,

@@ -20,7 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from rlchat.errors import ConfigError, RunDirError
+from rlchat.errors import ConfigError, DataError, RunDirError
+from rlchat.models import with_load_settings
 
 
 def check_resume_matches(run, cfg, inputs: dict) -> None:
@@ -61,6 +62,7 @@ class _EvalBefore(_Callback):
                 atomic_write_json(self.path, {"eval_loss": self.eval_loss})
 
 
+@with_load_settings  # every model it loads: cfg.dtype, cfg.attn_implementation
 def run(cfg) -> dict:
     """Fine-tune cfg.model on cfg.dataset into RUN/sft/; returns the final metrics (and a one-line "summary")."""
     from rlchat import dist, models
@@ -75,6 +77,7 @@ def run(cfg) -> dict:
     with oom_guard("sft"):
         model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    _check_inputs(cfg, model, tokenizer, fmt, train_ds, eval_ds)
 
     # 2. train
     with trainer_stage(run, "sft", cfg, mode, inputs, parent=None) as begun:
@@ -120,8 +123,9 @@ def run(cfg) -> dict:
 
 def _check_run(cfg):
     """(run, mode, inputs): the settings sft needs, the run directory, and that a resume continues the same run."""
-    from rlchat.rundir import RunDir
     from rlchat.fileio import input_record
+    from rlchat.progress import check_report_to
+    from rlchat.rundir import RunDir
 
     if not cfg.model:
         raise ConfigError("sft needs a base model", "pass --model (a Hub id or a local directory) or set `model:` "
@@ -129,12 +133,33 @@ def _check_run(cfg):
     if not cfg.dataset:
         raise ConfigError("sft needs a dataset", "pass --dataset (a .jsonl/.json/.parquet/.csv file, a "
                           "save_to_disk directory or a Hub id)")
+    check_report_to(cfg.report_to)  # a missing tracker package: one line now, not a traceback mid-training
     run = RunDir(cfg.run_dir)
     mode = run.check_can_start("sft", cfg.overwrite)
     inputs = {"model": input_record(cfg.model), "dataset": input_record(cfg.dataset)}
     if mode == "resume":
         check_resume_matches(run, cfg, inputs)
     return run, mode, inputs
+
+
+def _check_inputs(cfg, model, tokenizer, fmt: str, train_ds, eval_ds) -> None:
+    """What TRL and peft would otherwise find after the stage began: LoRA target modules the model lacks, rows the
+    chat template refuses, chats without an assistant reply, lengths (rlchat/checks.py)."""
+    from rlchat import checks
+    from rlchat.progress import console
+
+    if not cfg.full:
+        checks.check_lora_targets(model, cfg.lora_target_modules)
+    positions = checks.max_positions(model)
+    assistant_only = bool(cfg.assistant_only_loss and fmt == "messages") or fmt == "prompt_completion"
+    cut = 0
+    for part in (train_ds, eval_ds):
+        if part is not None:
+            cut += checks.check_sft_rows(tokenizer, part, fmt, cfg.max_length, assistant_only, cfg.dataset,
+                                         positions)
+    if cut:
+        console.print(f"[yellow]sft: {cut} rows have a prompt of max_length ({cfg.max_length}) tokens or more; "
+                      "they are kept but teach nothing (raise --max-length)[/]", highlight=False)
 
 
 def _load_dataset(cfg):
@@ -145,7 +170,16 @@ def _load_dataset(cfg):
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
     fmt = data.detect_sft_format(ds, cfg.dataset)
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
-    train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_split is None:
+        train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
+    else:  # an explicit held-out split: all of `split` trains
+        train_ds, eval_ds = ds, data.load_eval_split(cfg.dataset, cfg.eval_split, cfg.dataset_config)
+        eval_fmt = data.detect_sft_format(eval_ds, f"{cfg.dataset} (split {cfg.eval_split})")
+        if eval_fmt != fmt:
+            raise DataError(f"eval_split '{cfg.eval_split}' of {cfg.dataset} is {eval_fmt} data, the training split "
+                            f"is {fmt}", "evaluate on a split of the same format")
+        console.print(f"[bold]sft[/] eval split {cfg.eval_split}: {data.describe(eval_ds, eval_fmt)}",
+                      highlight=False)
     return fmt, train_ds, eval_ds
 
 
@@ -183,6 +217,7 @@ def _save_outputs(cfg, trainer, begun, tokenizer) -> dict:
     from rlchat.fileio import atomic_dir
     from rlchat.stages.common import save_trained, trained_outputs
 
+    base_model = str(Path(cfg.model).resolve()) if models.is_local(cfg.model) else cfg.model
     if cfg.full:  # a standalone model dir: weights + tokenizer
         save_trained(trainer, begun.stage_dir / "model", full=True, tokenizer=tokenizer)
     else:
@@ -190,9 +225,34 @@ def _save_outputs(cfg, trainer, begun, tokenizer) -> dict:
     if begun.is_main:
         with atomic_dir(begun.stage_dir / "tokenizer") as tmp:
             tokenizer.save_pretrained(tmp)
+        if not cfg.full:
+            _write_merged(cfg, begun.stage_dir, base_model, tokenizer)
     return {
         **trained_outputs("sft", cfg.full),
+        "merged": None if cfg.full else "sft/merged",
         # absolute for local bases, so later stages find it from any working directory
-        "base_model": str(Path(cfg.model).resolve()) if models.is_local(cfg.model) else cfg.model,
+        "base_model": base_model,
         "metrics": "sft/metrics.jsonl",
     }
+
+
+def _write_merged(cfg, stage_dir: Path, base_model: str, tokenizer) -> None:
+    """After LoRA SFT: the adapter names its base by absolute path (stock peft then loads it offline from any
+    directory), and RUN/sft/merged/ holds the base with the adapter merged, a plain model + tokenizer. The reward
+    and PPO adapters are trained on exactly that model and name it as their base, so
+    AutoPeftModelForCausalLM.from_pretrained("RUN/ppo/policy") works without rlchat (README: loading the
+    artifacts). It costs one copy of the weights on disk."""
+    from rlchat import models
+    from rlchat.export import checkpoint_dtype, ready_to_serve
+    from rlchat.fileio import atomic_dir, atomic_write_json
+    from rlchat.run_models import merge_sft_adapter
+
+    adapter_dir = stage_dir / "adapter"
+    adapter_cfg = models.read_json_object(adapter_dir / "adapter_config.json")
+    adapter_cfg["base_model_name_or_path"] = base_model
+    atomic_write_json(adapter_dir / "adapter_config.json", adapter_cfg)
+    merged = merge_sft_adapter(base_model, adapter_dir, tokenizer, cfg.trust_remote_code)
+    merged = ready_to_serve(merged, tokenizer, checkpoint_dtype(base_model, cfg.trust_remote_code))
+    with atomic_dir(stage_dir / "merged") as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
