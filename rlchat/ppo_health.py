@@ -19,8 +19,10 @@ The checks (each looks at the last WINDOW logged rows, so one noisy step cannot 
   value_not_learning  value/explained_variance below 0 on every row of the window (after the first window): the
                    critic predicts the returns worse than their mean -> check the reward scale (keep
                    --normalize-reward), raise --vf-coef, or use --value-model adapter.
-  over_optimisation  the held-out judge (heldout/judge) fell by more than JUDGE_DROP from its best while the
-                   held-out proxy reward (heldout/score) rose past its value at that best: the policy exploits the
+  over_optimisation  the held-out judge (heldout/judge) fell by more than JUDGE_DROP from its best, and by more than
+                   2 standard errors of the difference when heldout/judge_se is logged (a drop within sampling noise
+                   is not one), while the held-out proxy reward (heldout/score) rose past its value at that best: the
+                   policy exploits the
                    reward model -> stop, or use the best checkpoint RUN/ppo/best/ (`--policy best`).
 The thresholds are module constants; the tests in tests/test_ppo_health.py provoke each check with a history that
 has the failure and keep it quiet on a healthy one (and on a tiny model run for not_moving).
@@ -77,7 +79,7 @@ def not_moving(rows: list[dict], lr: float | None = None) -> Finding | None:
         return None
     if max(kl[-n:]) < APPROX_KL_FLOOR and max(clip[-n:]) < CLIPFRAC_FLOOR:
         now = f" (now {lr:g})" if lr else ""
-        return Finding("not_moving", f"the policy is not moving: policy/approx_kl {max(kl[-n:]):.1e} and "
+        return Finding("not_moving", f"the policy barely moves per update: policy/approx_kl {max(kl[-n:]):.1e} and "
                        f"policy/clipfrac {max(clip[-n:]):.3f} or less on {n} logged steps in a row",
                        f"raise --lr{now}, e.g. x5-x10 (LoRA adapters usually need 1e-4 to 1e-3)", _last_step(rows))
     return None
@@ -144,13 +146,15 @@ def value_not_learning(rows: list[dict]) -> Finding | None:
 
 
 def over_optimisation(rows: list[dict]) -> Finding | None:
-    pts = [(r.get("step"), float(r["heldout/judge"]), float(r["heldout/score"])) for r in rows
+    pts = [(r.get("step"), float(r["heldout/judge"]), float(r["heldout/score"]), float(r.get("heldout/judge_se") or 0))
+           for r in rows
            if isinstance(r.get("heldout/judge"), (int, float)) and isinstance(r.get("heldout/score"), (int, float))]
     if len(pts) < 3:
         return None
     best = max(range(len(pts)), key=lambda i: pts[i][1])
-    step, judge, score = pts[-1]
-    if best < len(pts) - 1 and judge < pts[best][1] - JUDGE_DROP and score > pts[best][2]:
+    step, judge, score, se = pts[-1]
+    noise = 2 * (se ** 2 + pts[best][3] ** 2) ** 0.5
+    if best < len(pts) - 1 and judge < pts[best][1] - max(JUDGE_DROP, noise) and score > pts[best][2]:
         return Finding("over_optimisation", f"over-optimisation: the held-out judge fell from {pts[best][1]:.3f} "
                        f"(step {pts[best][0]}) to {judge:.3f} while the held-out reward-model score rose from "
                        f"{pts[best][2]:.3f} to {score:.3f}",

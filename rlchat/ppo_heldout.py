@@ -8,7 +8,8 @@ kept as RUN/ppo/best/.
 
 Metrics (means over the held-out prompts, one sample each):
     heldout/score    the training score (reward sources combined, normalised, missing-EOS penalty): the proxy
-    heldout/judge    the --judge score (the gold measure when the judge is independent of the reward model)
+    heldout/judge    the --judge score (the gold measure when the judge is independent of the reward model);
+                     heldout/judge_se its standard error over the prompts
     heldout/kl       KL to the reference on these samples: sum_t log pi_T - log pi_ref,T (k1), nats per response
     heldout/length   response tokens, EOS included;  heldout/eos_rate  fraction ending with EOS
 The held-out prompts are a seeded split of --dataset (eval_fraction, at most eval_prompts; never trained on) or
@@ -97,7 +98,7 @@ def evaluate_heldout(cfg, s, heldout: HeldOut, step: int) -> dict:
     mine = heldout.prompts[rank::world]
     pad_id = s.tokenizer.pad_token_id
     device = s.accelerator.device
-    sums = torch.zeros(6, dtype=torch.float64)  # score, judge, kl, length, eos, n
+    sums = torch.zeros(7, dtype=torch.float64)  # score, judge, kl, length, eos, n, judge^2
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed * 7919 + step * 104729 + rank)
@@ -121,7 +122,9 @@ def evaluate_heldout(cfg, s, heldout: HeldOut, step: int) -> dict:
             if heldout.judge is not None:
                 from rlchat.rewards import call_judge
 
-                sums[1] += sum(call_judge(heldout.judge, cfg.judge, [p.text for p in batch], texts))
+                judged = call_judge(heldout.judge, cfg.judge, [p.text for p in batch], texts)
+                sums[1] += sum(judged)
+                sums[6] += sum(j * j for j in judged)
             sums[0] += scores.double().sum().cpu()
             sums[2] += kl.double().sum().cpu()
             sums[3] += ro.lengths.double().sum().cpu()
@@ -133,7 +136,11 @@ def evaluate_heldout(cfg, s, heldout: HeldOut, step: int) -> dict:
     out = {"heldout/score": sums[0].item() / n, "heldout/kl": sums[2].item() / n,
            "heldout/length": sums[3].item() / n, "heldout/eos_rate": sums[4].item() / n}
     if heldout.judge is not None:
-        out["heldout/judge"] = sums[1].item() / n
+        mean = sums[1].item() / n
+        out["heldout/judge"] = mean
+        # standard error of the mean judge score (the over-optimisation check compares drops with it)
+        var = max(sums[6].item() / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        out["heldout/judge_se"] = (var / n) ** 0.5
     return out
 
 
