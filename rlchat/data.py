@@ -8,7 +8,7 @@ A dataset spec is one of:
 - any other local directory is handed to ``datasets.load_dataset`` (a cloned Hub dataset repo, a folder of files);
 - a Hub dataset id (``trl-lib/tldr``), loaded with ``datasets.load_dataset(spec, config, split=split)``;
 - a mixture of the above, comma-separated: ``a.jsonl,b.jsonl`` (all rows) or ``a.jsonl:0.3,b.jsonl:0.7`` (each
-  input's share of the mixture, as TRL's dataset_mixture ``fraction``); see ``parse_mixture`` and ``_load_mixture``.
+  input's share of the mixture, as TRL's dataset_mixture ``fraction``); see rlchat/mixtures.py.
 
 Local files are read into memory (no cache files are written next to them, and a ``save_to_disk`` directory is
 loaded with ``keep_in_memory=True`` so later ``.map()`` calls never write cache files into the user's folder).
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlchat.errors import DataError, first_line
+from rlchat.mixtures import load_mixture, parse_mixture
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -73,45 +74,6 @@ def looks_like_path(spec: str, extensions: tuple[str, ...] = SUPPORTED_EXTENSION
     return _HUB_ID.match(spec) is None
 
 
-# Rows a weighted mixture draws from each input are a seeded random subset, fixed by the spec (not by --seed), so
-# the same spec always means the same rows (the manifest records the spec and every input's hash).
-MIXTURE_SEED = 0
-
-
-def parse_mixture(spec: str) -> list[tuple[str, float | None]]:
-    """The inputs of a dataset spec: [(spec, None)] for one dataset; for a mixture `a.jsonl,b.jsonl` (all rows of
-    each, concatenated) or `a.jsonl:0.3,b.jsonl:0.7` (weights: each input's share of the mixture, as TRL's
-    dataset_mixture `fraction`), one (spec, weight or None) per input. ValueError says what is wrong."""
-    spec = str(spec)
-    if "," not in spec or Path(spec).expanduser().exists():
-        return [(spec, None)]
-    parts = []
-    for raw in spec.split(","):
-        raw = raw.strip()
-        if not raw:
-            raise ValueError("a mixture lists datasets separated by commas, with no empty entries")
-        name, sep, tail = raw.rpartition(":")
-        weight = None
-        if sep and name and not Path(raw).expanduser().exists():
-            try:
-                weight = float(tail)
-            except ValueError:
-                name = raw  # a ':' that is part of the name
-            else:
-                if not weight > 0 or weight != weight or weight == float("inf"):
-                    raise ValueError(f"the weight of {name} must be a number > 0, got {tail}")
-        parts.append((name if weight is not None else raw, weight))
-    weighted = [w is not None for _, w in parts]
-    if any(weighted) and not all(weighted):
-        raise ValueError("give a weight to every dataset of the mixture (a.jsonl:0.3,b.jsonl:0.7) or to none "
-                         "(all rows of each)")
-    names = [n for n, _ in parts]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise ValueError(f"{dup} is listed twice")
-    return parts
-
-
 def load_any(spec: str, split: str | None = "train", config: str | None = None) -> "datasets.Dataset":
     """Load a local file, a save_to_disk directory, a Hub dataset or a mixture of them as one `datasets.Dataset`.
 
@@ -128,7 +90,7 @@ def load_any(spec: str, split: str | None = "train", config: str | None = None) 
         raise DataError(f"dataset mixture {spec!r}: {err}", "write it as a.jsonl,b.jsonl or a.jsonl:0.3,b.jsonl:0.7"
                         ) from None
     if len(parts) > 1:
-        return _load_mixture(spec, parts, split, config)
+        return load_mixture(spec, parts, split, config)
     path = Path(spec).expanduser()
     if path.is_dir():
         ds = _load_directory(spec, path, split, config)
@@ -145,34 +107,6 @@ def load_any(spec: str, split: str | None = "train", config: str | None = None) 
         where = f"split '{split}' of {spec}" if split and not path.is_file() else spec
         raise DataError(f"dataset {where} has no rows", "check that the file or split holds examples")
     return ds
-
-
-def _load_mixture(spec: str, parts: list[tuple[str, float | None]], split: str | None,
-                  config: str | None) -> "datasets.Dataset":
-    """The inputs of a mixture concatenated: all rows of each, or (weights) each input's share of the mixture, as
-    large as it can be without repeating rows (the input with the fewest rows per unit of weight is used whole)."""
-    import datasets
-
-    loaded = [load_any(name, split=split, config=config) for name, _ in parts]
-    common = set(loaded[0].column_names).intersection(*[set(d.column_names) for d in loaded[1:]])
-    if not common:
-        listing = "; ".join(f"{name} has {', '.join(d.column_names)}" for (name, _), d in zip(parts, loaded))
-        raise DataError(f"the datasets of mixture {spec!r} share no column ({listing})",
-                        "mix datasets of the same format")
-    # keep the columns every input has (an extra `id` column in one file must not stop the mixture), in the
-    # first input's order
-    loaded = [d.select_columns([c for c in loaded[0].column_names if c in common]) for d in loaded]
-    if parts[0][1] is not None:
-        weights = [w / sum(w for _, w in parts) for _, w in parts]
-        total = min(len(d) / w for d, w in zip(loaded, weights))
-        loaded = [d.shuffle(seed=MIXTURE_SEED, keep_in_memory=True).select(range(max(1, round(w * total))))
-                  for d, w in zip(loaded, weights)]
-    try:
-        return datasets.concatenate_datasets(loaded)
-    except ValueError as err:  # the same column with different types (a string in one, messages in another)
-        raise DataError(f"the datasets of mixture {spec!r} do not fit together: {first_line(err)[:300]}",
-                        "mix datasets of the same format (the same columns with the same kinds of values)"
-                        ) from None
 
 
 def _load_file(spec: str, path: Path) -> "datasets.Dataset":

@@ -95,12 +95,12 @@ def remove_killed_exports(out: Path) -> list[str]:
     """Delete the model-sized tmp directories (`.OUT.tmp-export-pid<PID>-*`) that exports to `out` killed before
     their final rename left next to it; those of a live process (another export running now) are kept."""
     from rlchat.progress import console
-    from rlchat.rundir import _pid_alive
+    from rlchat.pids import pid_alive
 
     removed = []
     for p in Path(out).parent.glob(f".{Path(out).name}.tmp-export-pid*"):
         m = re.search(r"\.tmp-export-pid(\d+)-", p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
             import shutil
 
             shutil.rmtree(p, ignore_errors=True)
@@ -249,6 +249,23 @@ def _fit_history(tokenizer, messages: list[dict], limit: int | None, reserve: in
     return msgs
 
 
+def _check_chat_settings(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """RlchatError for a chat setting out of range (checked before any model loads)."""
+    import math
+
+    if not 0 < max_new_tokens <= 2**31 - 1:
+        raise RlchatError(f"max_new_tokens must be > 0, got {max_new_tokens}", "pass --max-new-tokens 256")
+    if not math.isfinite(temperature) or temperature > 1e6:
+        raise RlchatError(f"temperature must be a finite number, got {temperature}", "pass 0 for greedy decoding "
+                          "or e.g. 0.7")
+    if seed is not None and not 0 <= seed <= 2**32 - 1:
+        raise RlchatError(f"seed must be in [0, 4294967295], got {seed}", "pass e.g. --seed 0")
+    if temperature < 0:
+        raise RlchatError(f"temperature must be >= 0, got {temperature}", "pass 0 for greedy decoding or e.g. 0.7")
+    if not 0 < top_p <= 1:
+        raise RlchatError(f"top_p must be in (0, 1], got {top_p}", "pass e.g. --top-p 0.9, or 1 for off")
+
+
 def chat(run_dir, stage: str = "ppo", prompt: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.7, top_p: float = 1.0, system: str | None = None, seed: int | None = None,
          trust_remote_code: bool = False) -> str | None:
@@ -265,19 +282,7 @@ def chat(run_dir, stage: str = "ppo", prompt: str | None = None, max_new_tokens:
     from rlchat.progress import quiet_libraries
     from rlchat.generation import max_positions
 
-    import math
-
-    if not 0 < max_new_tokens <= 2**31 - 1:
-        raise RlchatError(f"max_new_tokens must be > 0, got {max_new_tokens}", "pass --max-new-tokens 256")
-    if not math.isfinite(temperature) or temperature > 1e6:
-        raise RlchatError(f"temperature must be a finite number, got {temperature}", "pass 0 for greedy decoding "
-                          "or e.g. 0.7")
-    if seed is not None and not 0 <= seed <= 2**32 - 1:
-        raise RlchatError(f"seed must be in [0, 4294967295], got {seed}", "pass e.g. --seed 0")
-    if temperature < 0:
-        raise RlchatError(f"temperature must be >= 0, got {temperature}", "pass 0 for greedy decoding or e.g. 0.7")
-    if not 0 < top_p <= 1:
-        raise RlchatError(f"top_p must be in (0, 1], got {top_p}", "pass e.g. --top-p 0.9, or 1 for off")
+    _check_chat_settings(max_new_tokens, temperature, top_p, seed)
     check_stage(run_dir, stage)
     quiet_libraries()
     model, tokenizer = load_policy(run_dir, stage, merge=False, trust_remote_code=trust_remote_code,

@@ -241,11 +241,11 @@ def input_record(spec: str, hash: bool = True) -> dict:
     A spec that exists on disk is local: {"spec", "kind": "local", "path": <absolute>, "hash": "sha256:..."}
     (hash=False leaves "hash" None: hashing reads every byte, slow for a multi-GB model directory).
     Anything else is taken as a Hub id: {"spec", "kind": "hub"}.
-    A dataset mixture (`a.jsonl:0.3,b.jsonl:0.7`, see rlchat.data.parse_mixture) is {"spec", "kind": "mixture",
+    A dataset mixture (`a.jsonl:0.3,b.jsonl:0.7`, see rlchat.mixtures.parse_mixture) is {"spec", "kind": "mixture",
     "parts": [each input's record with its "weight"], "hash": one hash over the parts' specs, weights and hashes}
     (so a resume check that compares spec and hash notices any input changing).
     """
-    from rlchat.data import parse_mixture
+    from rlchat.mixtures import parse_mixture
 
     spec = str(spec)
     try:

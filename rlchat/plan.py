@@ -81,10 +81,11 @@ def count_params(config, cfg) -> dict:
 
 def _dataset_check(stage: str, spec: str | None, cfg) -> dict:
     from rlchat import data
+    from rlchat.mixtures import parse_mixture
 
     if not spec:
         return {"spec": None, "note": "from the run (see the stage's defaults)"}
-    if not all(data.looks_like_path(name) for name, _ in data.parse_mixture(spec)):  # (a mixture: every input)
+    if not all(data.looks_like_path(name) for name, _ in parse_mixture(spec)):  # (a mixture: every input)
         return {"spec": spec, "note": "Hub dataset: not checked offline"}
     ds = data.load_any(spec, split=cfg.split, config=getattr(cfg, "dataset_config", None))
     if stage == "sft":

@@ -332,6 +332,32 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
 
 
+def _win_rate_lines(comps: list[dict]) -> list[str]:
+    """The report's "Win rates" section (with a note where most answers are identical); [] without comparisons."""
+    if not comps:
+        return []
+    out = ["## Win rates", "",
+           "Per prompt: a win counts 1, a tie 0.5. 95% Wilson score intervals.", "",
+           "| comparison | by reward model | 95% CI | by judge | 95% CI | n |",
+           "|---|---|---|---|---|---|"]
+    for c in comps:
+        out.append(f"| {c['a']} over {c['b']} | {_fmt(c.get('win_rate_reward'))} | {_ci(c.get('ci_reward'))} | "
+                   f"{_fmt(c.get('win_rate_judge'))} | {_ci(c.get('ci_judge'))} | {c.get('n')} |")
+    out.append("")
+    for c in comps:
+        if c.get("identical") is not None and c["identical"] > 0.5:
+            out.append(f"**Note:** {c['identical']:.0%} of the answers of {c['a']} and {c['b']} are "
+                       f"identical, so the win rates above mostly count ties.")
+            sm = c.get("sampled")
+            if sm:
+                out.append(f"Sampled comparison (one sample per prompt at temperature "
+                           f"{sm['temperature']:g}, top-p 1, n {sm['n']}): {c['a']} over {c['b']} "
+                           f"{_fmt(sm.get('win_rate_reward'))} {_ci(sm.get('ci_reward'))} by reward model, "
+                           f"{_fmt(sm.get('win_rate_judge'))} {_ci(sm.get('ci_judge'))} by judge.")
+            out.append("")
+    return out
+
+
 def markdown(run, manifest: dict, report: dict | None, responses: list[dict], plots: dict[str, Path]) -> str:
     from rlchat.status import summary_rows
 
@@ -371,27 +397,7 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
                        f"{_fmt(m.get('eos_rate'), 2)} | {_fmt(m.get('distinct_1'))} | {_fmt(m.get('distinct_2'))} | "
                        f"{m.get('n')} |")
         out.append("")
-        comps = report.get("comparisons") or []
-        if comps:
-            out += ["## Win rates", "",
-                    "Per prompt: a win counts 1, a tie 0.5. 95% Wilson score intervals.", "",
-                    "| comparison | by reward model | 95% CI | by judge | 95% CI | n |",
-                    "|---|---|---|---|---|---|"]
-            for c in comps:
-                out.append(f"| {c['a']} over {c['b']} | {_fmt(c.get('win_rate_reward'))} | {_ci(c.get('ci_reward'))} | "
-                           f"{_fmt(c.get('win_rate_judge'))} | {_ci(c.get('ci_judge'))} | {c.get('n')} |")
-            out.append("")
-            for c in comps:
-                if c.get("identical") is not None and c["identical"] > 0.5:
-                    out.append(f"**Note:** {c['identical']:.0%} of the answers of {c['a']} and {c['b']} are "
-                               f"identical, so the win rates above mostly count ties.")
-                    sm = c.get("sampled")
-                    if sm:
-                        out.append(f"Sampled comparison (one sample per prompt at temperature "
-                                   f"{sm['temperature']:g}, top-p 1, n {sm['n']}): {c['a']} over {c['b']} "
-                                   f"{_fmt(sm.get('win_rate_reward'))} {_ci(sm.get('ci_reward'))} by reward model, "
-                                   f"{_fmt(sm.get('win_rate_judge'))} {_ci(sm.get('ci_judge'))} by judge.")
-                    out.append("")
+        out += _win_rate_lines(report.get("comparisons") or [])
 
     titles = {"sft_loss": "SFT loss", "reward_training": "Reward model training", "ppo_training": "PPO training",
               "ppo_overoptimisation": "PPO over-optimisation (held-out proxy vs judge against KL)",

@@ -21,7 +21,9 @@ A stage uses it like this (validation and data/model checks come first: begin_st
 
 Every file the manifest points at is written atomically (tmp file + fsync + os.replace, or `atomic_dir` for a
 directory), so a crash or a full disk leaves the previous version intact, never a half-written one.
-Not handled here: locking across hosts (a lock held from another host is reported, never taken over) and PID reuse.
+Not handled here: locking across hosts (a lock held from another host is reported, never taken over). A lock whose
+pid was reused by another process is told apart by the process's start time (rlchat/pids.py); stage entries
+of a hand-edited run.json are type-checked by rlchat/manifest_checks.py.
 The library never prints; messages a user should see go to `RunDir.messages` and the "rlchat" logger.
 """
 from __future__ import annotations
@@ -39,13 +41,14 @@ from pathlib import Path
 from rlchat import __version__
 from rlchat.errors import RunDirError
 from rlchat.fileio import _dumps, _write_error, atomic_write_json
+from rlchat.manifest_checks import entry_problem
+from rlchat.pids import holder_alive, pid_start
 
 log = logging.getLogger("rlchat")
 
 STAGES = ("sft", "reward", "ppo", "eval")
 STATUSES = ("running", "done", "failed", "interrupted")  # interrupted: Ctrl-C or SIGTERM; the same command resumes
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
-
 
 
 def _now() -> str:
@@ -73,44 +76,6 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host (signal 0 checks without sending anything)."""
-    if pid <= 0 or pid > 2**31 - 1:  # no such process can exist (os.kill would raise OverflowError)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    except OSError:
-        return False
-    return True
-
-
-def _pid_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None where /proc is absent.
-
-    Stored in the lock with the pid, so a lock whose pid now belongs to another process (pids are reused, quickly
-    in containers) is recognised as stale."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[19] if len(fields) > 19 else None
-
-
-def _holder_alive(info: dict) -> bool:
-    """True if the process that wrote a lock (on this host) is still running."""
-    pid = int(info["pid"])
-    if not _pid_alive(pid):
-        return False
-    recorded = info.get("pid_start")
-    now = _pid_start(pid) if recorded is not None else None
-    return recorded is None or now is None or now == recorded
 
 
 def enclosing_run(path: str | Path, include_self: bool = True) -> Path | None:
@@ -150,36 +115,6 @@ def check_output_path(out: str | Path, flag: str) -> None:
     if run is not None:
         raise RunDirError(f"{flag} {out} is inside (or would replace) the run directory {run}; only rlchat's stages "
                           "write into a run", f"choose a {flag} path outside {run}")
-
-
-# The type every field of a manifest stage entry must have (None is always allowed but for status): a hand-edited
-# run.json is refused with the field named, instead of an AttributeError deep inside status, export or a stage.
-_ENTRY_TYPES = {"status": (str,), "config": (dict,), "inputs": (dict,), "parent": (str,), "outputs": (dict,),
-                "metrics": (dict,), "versions": (dict,), "started": (str,), "ended": (str,),
-                "wall_s": (int, float), "error": (str,), "host": (str,), "pid": (int,), "resumed": (bool,)}
-
-
-_PATH_OUTPUTS = ("kind", "adapter", "model", "tokenizer", "policy", "value", "base", "report", "responses")
-
-
-def _entry_problem(stages: dict) -> str | None:
-    """What is wrong with the manifest's stage entries (the first problem), or None."""
-    for stage, entry in stages.items():
-        if not isinstance(entry, dict):
-            return f"the entry of stage '{stage}' is a {type(entry).__name__}, not an object"
-        for key, types in _ENTRY_TYPES.items():
-            v = entry.get(key)
-            if v is None or (isinstance(v, types) and not (isinstance(v, bool) and bool not in types)):
-                continue
-            want = {"wall_s": "a number", "pid": "an integer", "resumed": "true or false"}.get(
-                key, "a string" if str in types else "an object")
-            return f"stage '{stage}' field '{key}' is {json.dumps(v)[:40]}, not {want}"
-        outputs = entry.get("outputs") or {}
-        for k in _PATH_OUTPUTS:
-            v = outputs.get(k)
-            if v is not None and not isinstance(v, str):
-                return f"stage '{stage}' output '{k}' is {json.dumps(v)[:40]}, not a path"
-    return None
 
 
 class RunDir:
@@ -226,7 +161,7 @@ class RunDir:
                               f"{err.msg})", fix) from err
         if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
             raise RunDirError(f"{self.manifest_path} is not an rlchat manifest (no \"stages\" object)", fix)
-        problem = _entry_problem(data["stages"])
+        problem = entry_problem(data["stages"])
         if problem:
             raise RunDirError(f"{self.manifest_path} is damaged: {problem}", fix)
         return data
@@ -331,7 +266,7 @@ class RunDir:
         pid, host = int(info["pid"]), info.get("host")
         if host != socket.gethostname():
             raise self._lock_owner_error(info)
-        if pid != os.getpid() and _holder_alive(info):
+        if pid != os.getpid() and holder_alive(info):
             raise self._lock_owner_error(info)
 
     def lock(self, stage: str) -> str | None:
@@ -349,7 +284,7 @@ class RunDir:
         except OSError as err:
             raise _write_error(self.path, err) from err
         info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": _now(),
-                "pid_start": _pid_start(os.getpid())}
+                "pid_start": pid_start(os.getpid())}
         message = None
         for _ in range(3):
             try:
@@ -359,7 +294,7 @@ class RunDir:
                 if old is None:
                     continue  # released in between: try again
                 pid = int(old["pid"])
-                if old.get("host") != info["host"] or (pid != os.getpid() and _holder_alive(old)):
+                if old.get("host") != info["host"] or (pid != os.getpid() and holder_alive(old)):
                     raise self._lock_owner_error(old) from None
                 if pid != os.getpid():
                     message = (f"took over a stale lock in {self.path}: stage '{old.get('stage')}' (pid {pid}, "

@@ -84,7 +84,7 @@ def test_distinct_n_counts_whitespace_words_within_each_text():
 
 
 def test_policy_metrics_by_hand():
-    from rlchat.stages.evaluate import PolicyResult, policy_metrics
+    from rlchat.eval_report import PolicyResult, policy_metrics
 
     r = PolicyResult(responses=list(DISTINCT_TEXTS), response_ids=[[5, 6, 2], [5, 6], [7], [5, 6, 7, 2]],
                      eos=[True, False, False, True], log_ratio=[0.5, 0.0, 1.0, -2.5], reward=[1.0, 2.0, 3.0, 4.0],
@@ -108,7 +108,7 @@ def test_policy_metrics_by_hand():
 
 
 def test_kl_text_never_shows_a_negative_kl():
-    from rlchat.stages.evaluate import kl_text
+    from rlchat.eval_report import kl_text
 
     assert kl_text({"kl_to_ref": 0.213, "kl_to_ref_se": 0.04}) == "KL 0.21 ± 0.04 nats"
     noise = kl_text({"kl_to_ref": -0.05, "kl_to_ref_se": 0.04})

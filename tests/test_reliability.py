@@ -167,7 +167,7 @@ def assert_resumed(output: str, stage: str, expected: int | None, kind: str = "c
 
 
 def assert_done(run: Path, stage: str, steps: int, metrics_file: str = "metrics.jsonl") -> dict:
-    from rlchat.stages.common import checkpoint_problem
+    from rlchat.stages.resume import checkpoint_problem
 
     rec = manifest(run)["stages"][stage]
     assert rec["status"] == "done" and rec["error"] is None, rec
@@ -390,7 +390,8 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, tiny_model, sm
 
 def test_stale_lock_of_a_reused_pid_is_taken_over(tmp_path):
     """A lock whose pid is alive but belongs to a newer process (pid reuse) is stale."""
-    from rlchat.rundir import RunDir, _pid_start
+    from rlchat.pids import pid_start as _pid_start
+    from rlchat.rundir import RunDir
 
     if _pid_start(os.getpid()) is None:
         pytest.skip("no /proc: process start times unknown")
@@ -422,7 +423,7 @@ def _fake_checkpoint(path: Path, step: int, good_weights: bytes) -> None:
 
 
 def test_last_complete_checkpoint_skips_damaged_ones(tmp_path, tiny_model):
-    from rlchat.stages.common import checkpoint_problem, last_complete_checkpoint
+    from rlchat.stages.resume import checkpoint_problem, last_complete_checkpoint
 
     weights = (tiny_model / "model.safetensors").read_bytes()
     ckpt = tmp_path / "checkpoints"
@@ -439,7 +440,7 @@ def test_last_complete_checkpoint_skips_damaged_ones(tmp_path, tiny_model):
 
 
 def test_prepare_resume_cleans_leftovers_and_metrics(tmp_path, tiny_model):
-    from rlchat.stages.common import prepare_resume
+    from rlchat.stages.resume import prepare_resume
 
     weights = (tiny_model / "model.safetensors").read_bytes()
     stage = tmp_path / "sft"
@@ -626,7 +627,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_model, s
         errors = [line for line in res.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "no space left on device" in errors[0], res.output
         assert "resumes" in errors[0]
-        from rlchat.stages.common import checkpoint_problem
+        from rlchat.stages.resume import checkpoint_problem
 
         assert checkpoint_problem(run / "sft" / "checkpoints" / "checkpoint-2") is None
         assert manifest(run)["stages"]["sft"]["status"] in ("running", "failed")  # still valid JSON

@@ -332,7 +332,7 @@ def test_ppo_default_schedule_is_the_old_linear_decay():
 
 def test_resume_refuses_a_changed_dtype_or_schedule(tmp_path):
     from rlchat.rundir import RunDir
-    from rlchat.stages.common import check_resume_settings
+    from rlchat.stages.resume import check_resume_settings
 
     run = RunDir(tmp_path / "run")
     old = resolve(SFTConfig, "sft", None, {"run_dir": str(run.path), "dtype": "bfloat16"})
@@ -354,7 +354,7 @@ def test_resume_refuses_a_changed_dtype_or_schedule(tmp_path):
 def test_ppo_resume_checks_the_schedule_dtype_and_mixture(tmp_path):
     from rlchat.config import to_dict
     from rlchat.rundir import RunDir
-    from rlchat.stages.ppo import _check_resume_settings
+    from rlchat.stages.resume import check_ppo_resume_settings as _check_resume_settings
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}"} for i in range(4)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"q{i}"} for i in range(4)])

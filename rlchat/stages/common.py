@@ -1,14 +1,10 @@
-"""Plumbing shared by the stages: TRL config arguments, checkpoints and resume, lifecycle, resource errors.
+"""Plumbing shared by the stages: TRL config arguments, lifecycle, resource errors (resume: stages/resume.py).
 
 - `trainer_args(cfg, out_dir, has_eval)`: the TrainingArguments keywords sft and reward set the same way
   (explicit bf16/fp32 choice: TRL's default bf16=True fails on CPU; gradient checkpointing only when asked;
   safetensors checkpoints; our own progress bar instead of tqdm; tracker files inside RUN/<stage>/).
-- `last_complete_checkpoint(dir)`: the newest `checkpoint-N` that is complete (`checkpoint_problem`): its
-  trainer_state.json parses (the Trainer writes it last), its safetensors files are whole and its torch-saved
-  files are readable archives. A checkpoint killed mid-write is skipped and the previous one is used.
-- `prepare_resume(stage_dir, resume_from)`: before a resumed (or restarted) run trains, removes what the killed
-  process left half-done (`remove_leftovers`: tmp files and directories; incomplete checkpoints) and the metrics
-  rows it logged after the checkpoint, so metrics.jsonl reads as one uninterrupted run.
+- checkpoints and resume (finding the newest complete checkpoint, cleaning up after a kill, the resume
+  settings checks) live in rlchat/stages/resume.py.
 - `train_or_restore(trainer, resume_from, end_step)`: trainer.train() resuming from the checkpoint, except when
   that checkpoint is already the last step (restored without training: transformers would add a step).
 - `stage_lifecycle(run, stage)`: marks the stage failed (or "interrupted" on Ctrl-C / SIGTERM) in the manifest if
@@ -25,18 +21,15 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import re
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlchat.errors import RlchatError, RunDirError, first_line
-
-log = logging.getLogger("rlchat")
+from rlchat.stages.resume import drop_pickled_args, final_step, last_complete_checkpoint, prepare_resume
 
 # Flags that lower peak memory, per stage (named in the out-of-memory error).
 OOM_KNOBS = {
@@ -104,164 +97,6 @@ def trainer_args(cfg, out_dir: Path, has_eval: bool) -> dict:
     if cfg.report_to == "wandb":  # wandb writes its files to ./wandb unless told: keep them in RUN/<stage>/
         os.environ.setdefault("WANDB_DIR", str(out_dir.parent))
     return args
-
-
-def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every `checkpoint-N` directory, newest first."""
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint directory `path` cannot be resumed from, or None if it is complete.
-
-    The Trainer writes trainer_state.json last, so a process killed mid-checkpoint leaves it missing or cut short.
-    The weights (safetensors headers and sizes) and the torch-saved optimizer/scheduler/RNG files (zip archives:
-    their central directory is at the end) are checked as well, cheaply, without loading them.
-    """
-    import zipfile
-
-    from rlchat.models import safetensors_problem
-
-    try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return "no trainer_state.json"
-    except (OSError, ValueError):
-        return "trainer_state.json is cut short"
-    for f in sorted(path.glob("*.safetensors")):
-        problem = safetensors_problem(f)
-        if problem:
-            return f"{f.name}: {problem}"
-    for f in sorted(list(path.glob("*.pt")) + list(path.glob("*.pth"))):
-        try:
-            with zipfile.ZipFile(f) as z:
-                z.namelist()
-        except (OSError, zipfile.BadZipFile) as err:
-            return f"{f.name} is cut short ({err})"
-    return None
-
-
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest `checkpoint-N` in ckpt_dir that is complete (see `checkpoint_problem`), or None.
-
-    Checkpoints killed while being written are skipped (logged), so the previous one is used."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    for _, path in _checkpoints(ckpt_dir):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log.warning("skipping incomplete checkpoint %s (%s)", path, problem)
-    return None
-
-
-# settings that shape the saved weights: a resume must keep them (batch size, lengths, ... may change, e.g.
-# to get past an out-of-memory error). lr and weight_decay too: the Trainer restores the scheduler (its base lr)
-# from the checkpoint, so a new value would be recorded in run.json but never used.
-RESUME_KEYS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "weight_decay",
-               # the precision the weights were trained in, and the shape of the learning-rate schedule (the
-               # restored scheduler would continue a curve the new settings do not describe)
-               "dtype", "lr_scheduler", "warmup_ratio", "warmup_steps")
-
-
-def as_flag(key: str, value) -> str:
-    """A config value as the command-line flag that sets it: --lr 0.0001, --full / --no-full, --x a,b."""
-    name = key.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    if isinstance(value, list):
-        value = ",".join(map(str, value))
-    return f"--{name} {value}"
-
-
-def check_resume_settings(run, stage: str, cfg) -> None:
-    """RunDirError when resuming `stage` with settings its checkpoints cannot be loaded with."""
-    old_cfg = (run.record(stage) or {}).get("config") or {}
-    changed = [k for k in RESUME_KEYS if k in old_cfg and hasattr(cfg, k) and old_cfg[k] != getattr(cfg, k)]
-    if changed:
-        detail = ", ".join(f"{k} {old_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        olds = " ".join(as_flag(k, old_cfg[k]) for k in changed)
-        raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained with "
-                          f"{detail}", f"rerun with the same settings to resume ({olds}), or add --overwrite to "
-                          "start afresh")
-
-
-def _step(row: dict) -> float:
-    step = row.get("step", 0)
-    return step if isinstance(step, (int, float)) else 0
-
-
-def remove_leftovers(stage_dir: Path) -> list[str]:
-    """Delete what interrupted atomic writes left in RUN/<stage>/ and RUN/<stage>/checkpoints/: tmp files
-    (`.NAME.*.tmp`), tmp directories (`.NAME.tmp-*`) and replaced directories not yet deleted (`.NAME.old-*`).
-    Only while holding the run's lock (no other process writes there). Returns the names removed."""
-    removed = []
-    for folder in (Path(stage_dir), Path(stage_dir) / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.name.startswith(".") and re.search(r"\.(tmp-|old-)|\.tmp$", p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p.name)
-    return removed
-
-
-def prepare_resume(stage_dir: Path, resume_from: Path | None) -> None:
-    """Clean up after a killed run, before the same stage trains again in `stage_dir` (we hold the run's lock).
-
-    - tmp files and directories of interrupted atomic writes (`.NAME.tmp-*`, `.NAME.*.tmp`, `.NAME.old-*`);
-    - checkpoint directories that are not complete (the Trainer would later write into them, or rotate a good one
-      away in their favour);
-    - metrics.jsonl rows logged after `resume_from`'s step (they are logged again), or all of them when training
-      starts over (`resume_from` None).
-    """
-    from rlchat.fileio import atomic_write_text
-
-    stage_dir = Path(stage_dir)
-    ckpt_dir = stage_dir / "checkpoints"
-    remove_leftovers(stage_dir)
-    drop_pickled_args(ckpt_dir)  # a kill between the Trainer's save and our callback leaves one behind
-    if ckpt_dir.is_dir():
-        for _, path in _checkpoints(ckpt_dir):
-            if path != resume_from and checkpoint_problem(path) is not None:
-                shutil.rmtree(path, ignore_errors=True)
-    metrics = stage_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return
-    if resume_from is None:
-        metrics.unlink()
-        return
-    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
-    last = state.get("global_step", 0)
-    keep = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the kill
-        if isinstance(row, dict) and _step(row) <= last:
-            keep.append(line)
-    atomic_write_text(metrics, "".join(line + "\n" for line in keep))
-
-
-def final_step(cfg, old_config: dict | None, resume_from: Path | None) -> int | None:
-    """The global step at which this training ends, when it is known before training: --max-steps, or (epochs)
-    the max_steps the checkpoint recorded if the settings that decide it are unchanged. None if unknown."""
-    if cfg.max_steps and cfg.max_steps > 0:
-        return cfg.max_steps
-    if resume_from is None or not old_config:
-        return None
-    keys = ("epochs", "batch_size", "grad_accum", "eval_fraction", "eval_split", "packing", "max_length")
-    if any(old_config.get(k) != getattr(cfg, k, None) for k in keys if k in old_config):
-        return None
-    state = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
-    return state.get("max_steps")
 
 
 def train_or_restore(trainer, resume_from: Path | None, end_step: int | None):
@@ -462,19 +297,6 @@ def trainer_stage(run, stage: str, cfg, mode: str, inputs: dict, parent: str | N
         yield Begun(stage_dir, ckpt_dir, resume_from, old_config, is_main)
 
 
-# transformers' Trainer pickles its TrainingArguments into every checkpoint (an unrestricted pickle: loading it can
-# run code). Nothing loads it: resuming reads the weights (safetensors), optimizer.pt / scheduler.pt / rng_state.pth
-# (torch.load with weights_only=True) and trainer_state.json. So rlchat deletes it as soon as a checkpoint is saved.
-PICKLED_ARGS = "training_args.bin"
-
-
-def drop_pickled_args(ckpt_dir: Path) -> None:
-    """Delete training_args.bin from every checkpoint-N under ckpt_dir (the main process only)."""
-    if Path(ckpt_dir).is_dir():
-        for _, path in _checkpoints(Path(ckpt_dir)):
-            (path / PICKLED_ARGS).unlink(missing_ok=True)
-
-
 try:
     from transformers import TrainerCallback as _Callback
 except ImportError:  # pragma: no cover
@@ -482,7 +304,7 @@ except ImportError:  # pragma: no cover
 
 
 class _DropPickledArgs(_Callback):
-    """After each checkpoint save: remove the Trainer's training_args.bin pickle (see PICKLED_ARGS)."""
+    """After each checkpoint save: remove the Trainer's training_args.bin pickle (see stages/resume.py's PICKLED_ARGS)."""
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

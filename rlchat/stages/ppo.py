@@ -32,7 +32,8 @@ What `run(cfg)` does, in order:
 All the math lives in rlchat/ppo_math.py; this file is the stage's steps and the loop. Next to it:
 rlchat/reward_sources.py (which sources score, step 1), rlchat/actor_critic.py (the models, step 2),
 rlchat/ppo_step.py (steps 1-8 of a PPO step; the rollout forward pass is rlchat/rollout.py, the update
-rlchat/ppo_update.py), rlchat/ppo_checkpoint.py (checkpoints, resume) and rlchat/progress.py (trackers).
+rlchat/ppo_update.py), rlchat/ppo_checkpoint.py (checkpoints; the resume checks are rlchat/stages/resume.py),
+rlchat/ppo_outputs.py (held-out scores and best/, health reporting, step 4) and rlchat/progress.py (trackers).
 
 metrics.jsonl: one JSON row every `logging_steps` PPO steps, keys:
     step                        PPO steps done (one step = one batch of rollouts and its ppo_epochs of updates)
@@ -84,7 +85,6 @@ reward-model ensembles, an entropy bonus.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import time
@@ -94,6 +94,8 @@ from pathlib import Path
 
 from rlchat.errors import ConfigError, ModelError, RlchatError, RunDirError
 from rlchat.models import with_load_settings
+from rlchat.ppo_outputs import (adapter_base, check_health, finish, health_monitor, heldout_row, heldout_start,
+                                param_counts)
 from rlchat.ppo_step import LoopState, PPOSetup, StepOutput
 
 STAGE = "ppo"
@@ -149,20 +151,20 @@ def _run(cfg) -> dict:
     stage_dir = _begin(cfg, inp)  # the first write
     with stage_lifecycle(inp.run, STAGE):
         loop = _start(cfg, inp, s, stage_dir)  # config.yaml, a killed run's leftovers, the checkpoint to resume
-        health = _health_monitor(cfg, stage_dir)  # rlchat/ppo_health.py, fed the rows a resumed run logged
+        health = health_monitor(cfg, stage_dir)  # rlchat/ppo_health.py, fed the rows a resumed run logged
         if inp.heldout is not None:
             inp.heldout.restore(health.rows)  # the best held-out score of a resumed run's steps
             if loop.step == 0 and not any(r.get("step") == 0 for r in health.rows):
-                _heldout_start(cfg, inp, s, loop, health)  # step 0: the starting policy, KL 0 (the curve's origin)
+                heldout_start(cfg, inp, s, loop, health)  # step 0: the starting policy, KL 0 (the curve's origin)
         with _reporting(cfg, s, loop) as report:
             while loop.step < s.total_steps:  # 3. the PPO loop
                 loop.step += 1
                 out = _ppo_step(cfg, s, loop)  # steps 1-7: prompts, sample, score, rewards, GAE, update
                 row = step_metrics(s, loop, out)  # step 8: KL controller, the metrics row
-                _heldout(cfg, inp, s, loop, row)  # --eval-every: heldout/* into the row, RUN/ppo/best/
+                heldout_row(cfg, inp, s, loop, row)  # --eval-every: heldout/* into the row, RUN/ppo/best/
                 _write_step(cfg, inp, s, loop, out, row, report)  # step 8: log, samples, checkpoint
-                _check_health(health, row, s.is_main)  # a check that starts to hold is printed once
-        return _finish(cfg, inp, s, loop, t_start, health)  # 4. final outputs, the summary
+                check_health(health, row, s.is_main)  # a check that starts to hold is printed once
+        return finish(cfg, inp, s, loop, t_start, health)  # 4. final outputs, the summary
 
 
 # ------------------------------------------------------------------------------------- 1. validate, 2. build
@@ -178,6 +180,7 @@ def _validate(cfg) -> Inputs:
     from rlchat.reward_sources import resolve_rewards
     from rlchat.run_models import load_base_causal, resolve_base
     from rlchat.rundir import RunDir
+    from rlchat.stages.resume import check_ppo_resumable, check_ppo_resume_settings
 
     if not cfg.dataset:
         raise ConfigError("ppo needs prompts", "pass --dataset (a .jsonl/.json/.parquet/.csv file, a save_to_disk "
@@ -197,8 +200,8 @@ def _validate(cfg) -> Inputs:
               "processes": dist.world_size()}  # a resume must use as many processes (batches are per process)
     resume_from = last_checkpoint(run.checkpoints_dir(STAGE)) if mode == "resume" else None
     if resume_from is not None:
-        _check_resumable(run, base, resume_from, layout)
-        _check_resume_settings(run, cfg, resume_from)
+        check_ppo_resumable(run, base, resume_from, layout)
+        check_ppo_resume_settings(run, cfg, resume_from)
     quiet_libraries()
     from transformers.utils import logging as hf_logging
 
@@ -224,67 +227,6 @@ def _validate(cfg) -> Inputs:
                       f"lower --response-length or --max-prompt-length so that they add up to at most {positions}")
     return Inputs(run, mode, base, plan, base_lm, tokenizer, prompts, column, n_truncated, stop_ids, policy_lora,
                   layout, resume_from, heldout)
-
-
-def _check_resumable(run, base, resume_from: Path, layout: dict) -> None:
-    """RunDirError when the checkpoint was trained on another base, model layout or number of processes."""
-    old = ((run.record(STAGE) or {}).get("inputs") or {}).get("base") or {}
-    if old and (old.get("name") != base.name or old.get("hash") != base.hash):
-        raise RunDirError(f"cannot resume the ppo stage in {run.path}: its checkpoints were trained on base "
-                          f"{old.get('name')}, which has changed since",
-                          "rerun with --overwrite to start PPO afresh")
-    saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8")).get("layout", layout)
-    saved.setdefault("processes", 1)  # checkpoints from before multi-process runs
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
-    if changed:
-        what = "model settings" if any(k != "processes" for k in layout if saved.get(k) != layout[k]) else \
-            "number of processes"
-        raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with another "
-                          f"{what} ({'; '.join(changed)})",
-                          "rerun with the settings (and --num-processes) of the interrupted run, or pass "
-                          "--overwrite to start afresh")
-
-
-# Settings a resumed PPO run may change: they do not change what is trained (grad_accum splits the same minibatch;
-# the others are memory, logging, checkpoint cadence and held-out monitoring). They are used as given and recorded
-# in run.json. Every other setting must equal the interrupted run's (`_check_resume_settings`), and the prompts'
-# content hash too: the checkpoint's optimizer, scheduler, adapters and prompt-sampler position belong to them.
-# reward_fn may change too: fixing a function that returned NaN and resuming from the last checkpoint is the way out
-# of a NaN stop (and a function's code can change under the same name anyway).
-RESUME_MAY_CHANGE = ("run_dir", "overwrite", "trust_remote_code", "report_to", "save_every", "sample_every",
-                     "logging_steps", "gradient_checkpointing", "grad_accum", "attn_implementation", "eval_every",
-                     "eval_prompts", "judge", "reward_fn", "dataset", "split", "dataset_config")
-
-
-def _check_resume_settings(run, cfg, resume_from: Path) -> None:
-    """RunDirError naming every setting that differs from the interrupted run's (run.json's config), with the old
-    values as flags; the dataset is compared by content (a moved file with the same rows resumes)."""
-    from rlchat.config import to_dict
-    from rlchat.fileio import input_record
-
-    rec = run.record(STAGE) or {}
-    old, now = rec.get("config") or {}, to_dict(cfg)
-    changed = [k for k in now if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
-    old_data = (rec.get("inputs") or {}).get("dataset") or {}
-    new_data = input_record(cfg.dataset)
-    data_changed = bool(old_data) and (
-        old_data.get("hash") != new_data.get("hash") if old_data.get("hash") or new_data.get("hash")
-        else (old_data.get("spec"), old.get("split"), old.get("dataset_config")) !=
-        (new_data.get("spec"), cfg.split, cfg.dataset_config))
-    if not changed and not data_changed:
-        return
-
-    diffs = [f"{k} {old[k]!r} -> {now[k]!r}" for k in changed]
-    if data_changed:
-        diffs.append(f"the prompts ({old_data.get('spec')}) have other content")
-    from rlchat.stages.common import as_flag
-
-    olds = " ".join(as_flag(k, old[k]) for k in changed) + (f" --dataset {old_data.get('spec')}" if data_changed
-                                                         else "")
-    raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: settings differ from the interrupted "
-                      f"run's ({'; '.join(diffs)})",
-                      f"rerun with the interrupted run's values ({olds.strip()}), or pass --overwrite to start PPO "
-                      "afresh")
 
 
 def _check_lora_targets(base_lm, lora) -> None:
@@ -368,11 +310,6 @@ def lr_schedule(optimizer, cfg, total_updates: int):
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
 
 
-def _param_counts(s: PPOSetup) -> tuple[int, int]:
-    """(trainable, total) parameters of the models."""
-    return sum(p.numel() for p in s.trainable), sum(p.numel() for p in s.core.parameters())
-
-
 # ------------------------------------------------------------------------------------ 3. the loop's frame
 
 
@@ -395,7 +332,8 @@ def _start(cfg, inp: Inputs, s: PPOSetup, stage_dir: Path) -> LoopState:
     from rlchat.ppo_checkpoint import load_checkpoint, truncate_jsonl
     from rlchat.progress import console
     from rlchat.fileio import atomic_write_text
-    from rlchat.stages.common import is_oom, remove_leftovers
+    from rlchat.stages.common import is_oom
+    from rlchat.stages.resume import remove_leftovers
 
     loop = LoopState(stage_dir)
     metrics_path, samples_path = stage_dir / "metrics.jsonl", stage_dir / "samples.jsonl"
@@ -430,7 +368,7 @@ def _start(cfg, inp: Inputs, s: PPOSetup, stage_dir: Path) -> LoopState:
     held = "separate models" if cfg.separate_models or cfg.full else (
         "shared base, value head on the policy" if cfg.value_model == "policy" else "shared base")
     truncated = f", {inp.n_truncated} truncated to {cfg.max_prompt_length} tokens" if inp.n_truncated else ""
-    n_trainable, n_total = _param_counts(s)
+    n_trainable, n_total = param_counts(s)
     console.print(f"[bold]ppo[/] {len(inp.prompts)} prompts ('{inp.column}' column{truncated}); scored by "
                   f"{', '.join(inp.rewards.describe)}; {held}, {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M "
                   "parameters trainable", highlight=False)
@@ -500,151 +438,14 @@ def _write_step(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, out: StepOutput,
             save_checkpoint(loop.ckpt_dir, step, s.core, s.optimizer, s.scheduler, {
                 "step": step, "episodes": loop.episodes, "history": loop.history,
                 "kl_controller": s.kl_ctl.state_dict(), "sampler": s.sampler.state_dict(),
-                "layout": inp.layout}, _adapter_base(cfg, inp), rngs)
+                "layout": inp.layout}, adapter_base(cfg, inp), rngs)
         if progress is not None:
             progress.update(task, completed=step, info=f"score {row['objective/scores']:.3f}  kl "
                                                        f"{row['objective/kl']:.3f}  {row['episodes_per_s']:.1f} ep/s")
     s.accelerator.wait_for_everyone()  # the others wait for the checkpoint
 
 
-# --------------------------------------------------------------------------------------------- 4. outputs
-
-
-def _adapter_base(cfg, inp: Inputs) -> str:
-    """base_model_name_or_path of the saved adapters: the plain SFT model directory (RUN/sft/merged or
-    RUN/sft/model, absolute) or --model, so stock peft loads RUN/ppo/policy offline (see run_models)."""
-    from rlchat.run_models import adapter_base_name
-
-    return adapter_base_name(inp.run, cfg.model)
-
-
-def _heldout(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, row: dict) -> None:
-    """--eval-every: score the policy on the held-out prompts (every eval_every steps and at the last), add the
-    heldout/* metrics to the row; a new best is saved as RUN/ppo/best/ (before this step's checkpoint, so a
-    resumed run has it)."""
-    from rlchat.ppo_heldout import evaluate_heldout, save_best
-    from rlchat.progress import console
-
-    held = inp.heldout
-    if held is None or not (loop.step % cfg.eval_every == 0 or loop.step == s.total_steps):
-        return
-    row.update(evaluate_heldout(cfg, s, held, loop.step))
-    better = held.improved(row)
-    if s.is_main:
-        if better:
-            save_best(loop.stage_dir, s.core, _adapter_base(cfg, inp), row, held.metric)
-        judge = f"  judge {row['heldout/judge']:.3f}" if "heldout/judge" in row else ""
-        console.print(f"ppo held-out @ step {loop.step}: score {row['heldout/score']:.3f}{judge}  KL "
-                      f"{row['heldout/kl']:.2f}  length {row['heldout/length']:.1f}"
-                      + ("  (best so far: saved to best/)" if better else ""), highlight=False)
-    s.accelerator.wait_for_everyone()
-
-
-def _heldout_start(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, health) -> None:
-    """The held-out scores of the starting policy (== the reference) as a metrics row of step 0; it is the first
-    candidate for RUN/ppo/best/ (PPO must beat it to replace it)."""
-    from rlchat.fileio import append_jsonl
-
-    row = {"step": 0, "episodes": 0}
-    _heldout(cfg, inp, s, loop, row)
-    if s.is_main:
-        append_jsonl(loop.stage_dir / "metrics.jsonl", row)
-    health.rows.append(row)
-
-
-def _health_monitor(cfg, stage_dir: Path):
-    from rlchat.ppo_health import HealthMonitor
-
-    path = stage_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.is_file() else []
-    return HealthMonitor(cfg, rows)
-
-
-def _check_health(health, row: dict, is_main: bool) -> None:
-    from rlchat.progress import console
-
-    for finding in health.add(row):
-        if is_main:
-            console.print(f"[yellow]ppo health: {finding.text}[/]", highlight=False)
-
-
-def _health_summary(health) -> tuple[list[dict], str]:
-    """(the manifest's `health` list, the summary's text): checks that hold at the end, and those that held at
-    some step and no longer do."""
-    if health is None:
-        return [], ""
-    now, earlier = health.final()
-    listed = ([{"check": f.check, "step": f.step, "message": f.message, "fix": f.fix, "at_end": True} for f in now]
-              + [{"check": f.check, "step": f.step, "message": f.message, "fix": f.fix, "at_end": False}
-                 for f in earlier])
-    text = "".join(f"\n  warning: {f.text}" for f in now)
-    text += "".join(f"\n  warning (at step {f.step}, no longer at the end): {f.message}. Fix: {f.fix}."
-                    for f in earlier)
-    return listed, text
-
-
-def _finish(cfg, inp: Inputs, s: PPOSetup, loop: LoopState, t_start: float, health=None) -> dict:
-    """Step 4: policy/, value/ and tokenizer/ written atomically, the final metrics in the manifest (with the
-    health checks' findings)."""
-    from rlchat.ppo_checkpoint import save_policy, save_value
-    from rlchat.fileio import atomic_dir
-
-    stage_dir, base, history = loop.stage_dir, inp.base, loop.history
-    outputs = {"kind": "full" if cfg.full else "lora", "policy": "ppo/policy", "value": "ppo/value",
-               "tokenizer": "ppo/tokenizer", "base": base.name, "base_hash": base.hash,
-               "metrics": "ppo/metrics.jsonl", "samples": "ppo/samples.jsonl"}
-    if inp.heldout is not None and (stage_dir / "best").is_dir():
-        outputs["best"] = "ppo/best"
-    if s.is_main:
-        with atomic_dir(stage_dir / "policy") as tmp:
-            save_policy(s.core, tmp, _adapter_base(cfg, inp))
-        with atomic_dir(stage_dir / "value") as tmp:
-            save_value(s.core, tmp, _adapter_base(cfg, inp))
-        with atomic_dir(stage_dir / "tokenizer") as tmp:
-            inp.tokenizer.save_pretrained(str(tmp))
-    k = max(1, min(5, len(history["scores"]) // 5))
-    wall = time.time() - t_start
-    n_trainable, n_total = _param_counts(s)
-    metrics = {
-        "score": _mean(history["scores"][-k:]),  # the mean score of the last k steps
-        "score_start": _mean(history["scores"][:k]),
-        "kl": _mean(history["kl"][-k:]),
-        "steps": loop.step,
-        "episodes": loop.episodes,
-        "score_window_steps": k,
-        "trainable_params": n_trainable,
-        "total_params": n_total,
-        "shared_base": not (cfg.separate_models or cfg.full),
-        "value_model": cfg.value_model,
-        "processes": s.world,
-        "resumed_from": inp.resume_from.name if inp.resume_from else None,
-        "wall_s": round(wall, 1),
-    }
-    metrics["health"], health_text = _health_summary(health)
-    if inp.heldout is not None and inp.heldout.best is not None:
-        metrics["best_step"], metrics["best_by"] = inp.heldout.best_step, inp.heldout.metric
-        metrics["best_value"] = inp.heldout.best
-        for key in ("heldout/score", "heldout/judge", "heldout/kl"):
-            values = [r[key] for r in health.rows if key in r] if health is not None else []
-            if values:
-                metrics[f"{key}_last"] = values[-1]
-    inp.run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
-    what = "policy model" if cfg.full else "policy adapter"
-    metrics["summary"] = (
-        f"score {metrics['score_start']:.3f} -> {metrics['score']:.3f} (mean of the first/last {k} steps), "
-        f"KL {metrics['kl']:.3f}, {loop.episodes} episodes in {wall:.0f}s; {what} at {stage_dir / 'policy'}"
-        + (f"; best held-out {metrics['best_by'].split('/')[1]} {metrics['best_value']:.3f} at step "
-           f"{metrics['best_step']}: {stage_dir / 'best'}" if "best_step" in metrics else "")
-        + health_text)
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _nan_fix(ckpt_dir: Path, hint: str) -> str:

@@ -135,7 +135,7 @@ def _check_run(cfg):
     from rlchat.fileio import input_record
     from rlchat.progress import check_report_to
     from rlchat.rundir import RunDir
-    from rlchat.stages.common import check_resume_settings
+    from rlchat.stages.resume import check_resume_settings
 
     if not cfg.dataset:
         raise ConfigError("train-reward needs preference pairs", "pass --dataset (a .jsonl/.json/.parquet/.csv "

@@ -26,7 +26,7 @@ from rlchat.models import with_load_settings
 
 def check_resume_matches(run, cfg, inputs: dict) -> None:
     """RunDirError when a resume would continue checkpoints trained on another model, dataset or weight layout."""
-    from rlchat.stages.common import check_resume_settings
+    from rlchat.stages.resume import check_resume_settings
 
     old_inputs = (run.record("sft") or {}).get("inputs") or {}
     for name in ("model", "dataset"):
