@@ -305,13 +305,13 @@ def test_eval_with_two_processes_answers_every_prompt_once_like_one_process(sft_
     for r in rows:
         assert set(r["policies"]) == {"base", "sft"}
         for p in r["policies"].values():
-            assert isinstance(p["response"], str) and p["judge"] is not None and p["kl"] is not None
+            assert isinstance(p["response"], str) and p["judge"] is not None and p["log_ratio"] is not None
     # greedy decoding of the same batches: the same answers as one process, in the same rows
     ref = read_jsonl(runs[1] / "eval" / "responses.jsonl")
     for a, b in zip(ref, rows):
         for name in ("base", "sft"):
             assert a["policies"][name]["response"] == b["policies"][name]["response"], (a["index"], name)
-            assert a["policies"][name]["kl"] == pytest.approx(b["policies"][name]["kl"], abs=1e-4)
+            assert a["policies"][name]["log_ratio"] == pytest.approx(b["policies"][name]["log_ratio"], abs=1e-4)
     report = json.loads((two / "eval" / "report.json").read_text())
     assert report["settings"]["n_prompts"] == n_prompts
     assert not leftovers(two), leftovers(two)

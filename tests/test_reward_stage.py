@@ -326,7 +326,7 @@ def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_model, monkeypatch):
         reward.run(cfg)
     monkeypatch.setattr(TrainerProgress, "on_step_end", original)
     entry = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["reward"]
-    assert entry["status"] == "failed"
+    assert entry["status"] == "interrupted"
     assert (tmp_path / "run" / "reward" / "checkpoints" / "checkpoint-2").is_dir()
 
     # resuming with other data would mix two trainings: refused, nothing touched
