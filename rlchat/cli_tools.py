@@ -1,5 +1,5 @@
-"""The `rlchat` commands that are not pipeline stages: status, plan, score, export, chat, report, new-model and
-demo-data. Registered on rlchat.cli's app (cli.py imports this module right after the stage commands, so --help
+"""The `rlchat` commands that are not pipeline stages: status, plan, score, export, chat, report, new-model,
+import-gguf and demo-data. Registered on rlchat.cli's app (cli.py imports this module right after the stage commands, so --help
 lists them in this order); each imports its module inside the command, so `rlchat --help` stays fast.
 Imports: cli (app, fail), errors; each command's own module inside it.
 """
@@ -192,6 +192,34 @@ def new_model(
     except ValueError as err:  # bad arch etc. from the builder
         fail(RlchatError(str(err), "see `rlchat new-model --help`"))
     console.print(f"[bold green]new-model:[/] {arch}/{size} model and tokenizer written to {path}")
+
+
+@app.command("import-gguf", epilog="Example: rlchat import-gguf SmolLM2-135M-Instruct.Q4_1.gguf "
+             ".models/smollm2-135m-instruct")
+def import_gguf(
+    file: Annotated[Path, typer.Argument(help="The llama.cpp .gguf model file.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to (new or empty).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT (swapped in only once complete).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print what was converted as JSON on stdout.")] = False,
+):
+    """Convert a GGUF model file into a safetensors model directory + tokenizer (float32, dequantised) that
+    every --model and AutoModelForCausalLM.from_pretrained load. (Stages also take the .gguf directly.)"""
+    from rlchat.progress import console
+
+    try:
+        from rlchat import gguf
+        from rlchat.progress import quiet_libraries
+
+        quiet_libraries()
+        result = gguf.convert(file, out, overwrite=overwrite)
+    except RlchatError as err:
+        fail(err)
+    quants = ", ".join(f"{k} x{v}" for k, v in result["quantizations"].items())
+    console.print(f"[bold green]import-gguf:[/] {result['architecture']} model, {result['parameters'] / 1e6:.0f}M "
+                  f"parameters ({quants}), pad {result['pad_token']!r}, eos {result['eos_token']!r}, written to "
+                  f"{result['path']} in {result['seconds']:.0f}s", soft_wrap=True, highlight=False)
+    if json_out:
+        print(json.dumps(result, indent=1, default=str))
 
 
 @app.command("demo-data", epilog="Example: rlchat demo-data .demo/data")

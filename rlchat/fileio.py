@@ -244,6 +244,8 @@ def input_record(spec: str, hash: bool = True) -> dict:
     A dataset mixture (`a.jsonl:0.3,b.jsonl:0.7`, see rlchat.mixtures.parse_mixture) is {"spec", "kind": "mixture",
     "parts": [each input's record with its "weight"], "hash": one hash over the parts' specs, weights and hashes}
     (so a resume check that compares spec and hash notices any input changing).
+    A `.gguf` model file is always hashed (its sha256 names its converted copy) and also records "format": "gguf"
+    and "converted": the cache directory it is loaded from (see rlchat.gguf).
     """
     from rlchat.mixtures import parse_mixture
 
@@ -257,6 +259,10 @@ def input_record(spec: str, hash: bool = True) -> dict:
         digest = hashlib.sha256(json.dumps([[r["spec"], r["weight"], r.get("hash")] for r in records]).encode())
         return {"spec": spec, "kind": "mixture", "parts": records, "hash": f"sha256:{digest.hexdigest()}"}
     local = Path(spec).expanduser()
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        from rlchat import gguf
+
+        return gguf.input_record(spec)
     if local.exists():
         return {"spec": spec, "kind": "local", "path": str(local.resolve()),
                 "hash": content_hash(local) if hash else None}

@@ -3,15 +3,16 @@
 A run's own models (the SFT policy, the reward model, the PPO policy) are loaded by rlchat/run_models.py.
 
 - `load_tokenizer(spec)`: AutoTokenizer with three defaults the stages rely on:
-  1. a pad token: the tokenizer's own, else its unk token (when distinct from eos), else its eos token, else a
-     new `<|pad|>` token (then the model's embeddings must grow: call `align_model_with_tokenizer`). Which one was
-     used is logged on the `rlchat.models` logger;
+  1. a pad token distinct from eos where the vocabulary has one (rlchat/pad_token.py: the tokenizer's own unless
+     it is eos, else a pad-named special token, unk or `<|endoftext|>`, else eos, else a new `<|pad|>` token: then
+     the model's embeddings must grow, call `align_model_with_tokenizer`), logged on the `rlchat.models` logger;
   2. a chat template: `DEFAULT_CHAT_TEMPLATE` when the tokenizer has none. It is ChatML-shaped, closes every turn
      with the tokenizer's eos token (so generation stops after the answer) and wraps assistant content + eos in
      `{% generation %}` markers (TRL's `assistant_only_loss` needs them):
      "<|im_start|>user\nHi</s>\n<|im_start|>assistant\nHello!</s>\n";
   3. `padding_side = "left"`, which batched generation needs (PPO rollouts, eval). A stage that trains with
      padded batches and wants right padding sets it itself.
+- Both accept a `.gguf` file as `spec`: it is converted once into a cached safetensors directory (rlchat.gguf).
 - `load_causal_lm(spec)`: `AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True)`. A local directory is
   checked first, so the common mistakes are one-line `ModelError`s: missing directory, no config.json, a PEFT
   adapter instead of a model, .bin-only weights, an encoder or classifier instead of a causal LM, custom code
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rlchat.errors import ConfigError, ModelError, first_line
+from rlchat.pad_token import set_pad_token
 
 if TYPE_CHECKING:  # pragma: no cover
     import peft
@@ -165,7 +167,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTok
     """AutoTokenizer for a Hub id or local directory, with a pad token, a chat template and left padding."""
     from transformers import AutoTokenizer
 
-    spec = str(spec)
+    spec = _gguf_to_dir(str(spec))
     if is_local(spec):
         path = _check_local_dir(spec, "tokenizer")
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -178,18 +180,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTok
     except Exception as err:
         raise _load_error(spec, err, "tokenizer") from None
 
-    if tokenizer.pad_token is None:
-        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
-            tokenizer.pad_token = tokenizer.unk_token
-            log.info("tokenizer %s has no pad token; padding with its unk token %r", spec, tokenizer.unk_token)
-        elif tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-            log.info("tokenizer %s has no pad token; padding with its eos token %r", spec, tokenizer.eos_token)
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-            log.warning("tokenizer %s has no pad, unk or eos token; added a new pad token '<|pad|>' (id %d): the "
-                        "model's embeddings must be resized (rlchat.models.align_model_with_tokenizer)",
-                        spec, tokenizer.pad_token_id)
+    set_pad_token(tokenizer, spec)
     if tokenizer.eos_token is None:
         log.warning("tokenizer %s has no eos token: generation stops only at the length limit", spec)
     if not tokenizer.chat_template:
@@ -197,6 +188,13 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> "PreTrainedTok
         log.info("tokenizer %s has no chat template; using rlchat's default ChatML-style template", spec)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _gguf_to_dir(spec: str) -> str:
+    """A `.gguf` file as --model: its converted directory in the cache (converted on first use, see rlchat.gguf)."""
+    from rlchat import gguf
+
+    return str(gguf.model_dir(spec)) if gguf.is_gguf_spec(spec) else spec
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -211,7 +209,7 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, dtype: Any = None
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = str(spec)
+    spec = _gguf_to_dir(str(spec))
     path = None
     if is_local(spec):
         path = _check_local_dir(spec)

@@ -38,8 +38,10 @@ def _model_config(spec: str, trust_remote_code: bool = False):
     """(config, where it came from) without downloading anything; (None, reason) if unknown offline."""
     from transformers import AutoConfig
 
-    from rlchat import models
+    from rlchat import gguf, models
 
+    if gguf.is_gguf_spec(spec):  # the file's metadata: nothing converted, no tensor read
+        return gguf.read_config(spec), "GGUF metadata"
     if models.is_local(spec):
         if not Path(spec).is_dir():
             raise RlchatError(f"model directory not found: {spec}", "fix the path in the recipe or build it "

@@ -16,8 +16,8 @@ from rlchat.cli import app
 from tests.conftest import snapshot
 
 runner = CliRunner()
-COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "demo-data", "plan", "export", "chat",
-            "report", "score"]
+COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "import-gguf", "demo-data", "plan", "export",
+            "chat", "report", "score"]
 
 
 def invoke(*args):
