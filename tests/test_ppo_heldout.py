@@ -13,14 +13,8 @@ from rlchat.errors import ConfigError
 JUDGE = "rlchat.demo.task:judge"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread for the whole module (reproducible, fast on 2 shared cores)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _cfg(run: Path, tiny_model, demo_data, **kw):

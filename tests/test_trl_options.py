@@ -15,14 +15,8 @@ from rlchat.config import PPOConfig, SFTConfig, resolve
 from rlchat.errors import ConfigError, DataError, ModelError, RunDirError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread for the whole module (reproducible, fast on 2 shared cores)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
