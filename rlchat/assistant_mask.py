@@ -114,10 +114,11 @@ def tokenize_chats(tokenizer, ds, name: str, model: str):
             with template_errors(f"row {i} of {name}"):
                 row_ids, row_mask = chat_masks(tokenizer, chat)
         except NotPrefixPreserving as err:
+            first = f"{err.turns} message{'s' if err.turns != 1 else ''}"
             raise ModelError(
                 f"assistant-only loss needs the assistant tokens, and the chat template of {model} cannot mark them: "
                 f"TRL cannot patch it (no {{% generation %}} markers) and it is not prefix-preserving (rendering the "
-                f"first {err.turns} messages of row {i} of {name} does not give the start of the longer chat)",
+                f"first {first} of row {i} of {name} does not give the start of the longer chat)",
                 GENERATION_FIX) from None
         ids.append(row_ids)
         masks.append(row_mask)
