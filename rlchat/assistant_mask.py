@@ -24,7 +24,7 @@ to max_length, drops rows left without a trained token and packs, as for the dat
 A template that is not prefix-preserving (rendering a prefix changes earlier text or tokens) has no such spans: a
 ModelError before the stage writes anything.
 
-Imports: errors, checks (datasets and trl inside functions).
+Imports: errors; checks and data inside a function (datasets and trl too).
 """
 from __future__ import annotations
 
