@@ -5,7 +5,8 @@ What it does, in order:
      (loads, detects the TRL format: messages / prompt+completion / text), the model and tokenizer.
      Nothing is written to the run directory before all of this passed.
   2. begin the stage in the manifest (RUN/run.json) and train: LoRA by default, --full for all weights; loss on
-     assistant tokens only for conversations (completion tokens only for prompt+completion);
+     assistant tokens only for conversations (completion tokens only for prompt+completion): TRL masks them through
+     the chat template's {% generation %} markers, or rlchat/assistant_mask.py when TRL cannot patch the template;
      eval loss on the held-out fraction before and after.
   3. write RUN/sft/: adapter/ (PEFT) or model/ (full, safetensors), tokenizer/, metrics.jsonl, config.yaml,
      and the final metrics into the manifest. Every output directory is written atomically (tmp dir + rename).
