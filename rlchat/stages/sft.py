@@ -5,7 +5,8 @@ What it does, in order:
      (loads, detects the TRL format: messages / prompt+completion / text), the model and tokenizer.
      Nothing is written to the run directory before all of this passed.
   2. begin the stage in the manifest (RUN/run.json) and train: LoRA by default, --full for all weights; loss on
-     assistant tokens only for conversations (completion tokens only for prompt+completion);
+     assistant tokens only for conversations (completion tokens only for prompt+completion): TRL masks them through
+     the chat template's {% generation %} markers, or rlchat/assistant_mask.py when TRL cannot patch the template;
      eval loss on the held-out fraction before and after.
   3. write RUN/sft/: adapter/ (PEFT) or model/ (full, safetensors), tokenizer/, metrics.jsonl, config.yaml,
      and the final metrics into the manifest. Every output directory is written atomically (tmp dir + rename).
@@ -78,13 +79,15 @@ def run(cfg) -> dict:
         model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     _check_inputs(cfg, model, tokenizer, fmt, train_ds, eval_ds)
+    train_ds, eval_ds, masks = _assistant_masks(cfg, tokenizer, fmt, train_ds, eval_ds)
 
     # 2. train
     with trainer_stage(run, "sft", cfg, mode, inputs, parent=None) as begun:
         before_path = begun.stage_dir / "eval_before.json"
         known_before = begun.resume_from is not None and before_path.exists()
         before = _EvalBefore(before_path if begun.is_main else None)
-        trainer = _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt, before, known_before)
+        trainer = _trainer(cfg, begun, model, tokenizer, (train_ds, eval_ds), fmt, masks, before,
+                           known_before)
         result, trainable, total = train(trainer, begun, "sft", cfg)
         eval_before = None
         if eval_ds is not None:
@@ -105,6 +108,7 @@ def run(cfg) -> dict:
             "n_eval": len(eval_ds) if eval_ds is not None else 0,
             "processes": dist.world_size(),
             "format": fmt,
+            "assistant_masks": masks,
             "trainable_params": trainable,
             "total_params": total,
             "resumed_from": begun.resume_from.name if begun.resume_from else None,
@@ -183,8 +187,27 @@ def _load_dataset(cfg):
     return fmt, train_ds, eval_ds
 
 
-def _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt: str, before, known_before: bool):
-    """TRL's SFTTrainer with our settings, progress callback and eval-before callback."""
+def _assistant_masks(cfg, tokenizer, fmt: str, train_ds, eval_ds):
+    """(train_ds, eval_ds, masks) from assistant_mask.prepare, and the one log line saying who masks the assistant
+    tokens; a chat template neither TRL nor rlchat can mask is a ModelError here, before the first write."""
+    from rlchat.assistant_mask import prepare
+    from rlchat.progress import console
+
+    train_ds, eval_ds, masks = prepare(cfg, tokenizer, fmt, train_ds, eval_ds)
+    if masks == "trl":
+        console.print("[bold]sft[/] assistant-only loss: TRL masks the assistant tokens (chat template)",
+                      highlight=False)
+    elif masks == "rlchat":
+        console.print("[bold]sft[/] assistant-only loss: rlchat masks the assistant tokens (TRL cannot patch this "
+                      "chat template)", highlight=False)
+    return train_ds, eval_ds, masks
+
+
+def _trainer(cfg, begun, model, tokenizer, datasets: tuple, fmt: str, masks: str | None, before,
+             known_before: bool):
+    """TRL's SFTTrainer with our settings, progress callback and eval-before callback. `masks` (_assistant_masks):
+    "trl" lets TRL mask the assistant tokens from the chat template; with "rlchat" the datasets are pre-tokenized
+    with `assistant_masks` (rlchat/assistant_mask.py), which TRL turns into labels without assistant_only_loss."""
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
@@ -192,6 +215,7 @@ def _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt: str, before, 
     from rlchat.progress import TrainerProgress
     from rlchat.stages.common import trainer_args
 
+    train_ds, eval_ds = datasets
     args = TrlSFTConfig(
         **trainer_args(cfg, begun.ckpt_dir, has_eval=eval_ds is not None),
         # the eval loss before training comes from the trainer's own first evaluation, not from a
@@ -200,7 +224,7 @@ def _trainer(cfg, begun, model, tokenizer, train_ds, eval_ds, fmt: str, before, 
         eval_on_start=eval_ds is not None and not known_before,
         max_length=cfg.max_length,
         packing=cfg.packing,
-        assistant_only_loss=bool(cfg.assistant_only_loss and fmt == "messages"),
+        assistant_only_loss=masks == "trl",
         completion_only_loss=True if fmt == "prompt_completion" else None,
         dataset_num_proc=None,
     )
