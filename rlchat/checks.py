@@ -78,7 +78,8 @@ def check_sft_rows(tokenizer, ds, fmt: str, max_length: int, assistant_only: boo
                    positions: int | None = None) -> int:
     """Render every row of an SFT dataset the way SFTTrainer will (DataError naming the first bad row) and check
     that training has tokens to learn from and that no truncated row is longer than the model's `positions`;
-    returns the number of rows whose trained part is cut off entirely by max_length (kept, but they teach nothing)."""
+    returns the number of rows whose trained part is cut off entirely by max_length (TRL drops them: no trained
+    token is left)."""
     from rlchat.data import _rows
 
     def n_tokens(text: str) -> int:

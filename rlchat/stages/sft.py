@@ -163,7 +163,7 @@ def _check_inputs(cfg, model, tokenizer, fmt: str, train_ds, eval_ds) -> None:
                                          positions)
     if cut:
         console.print(f"[yellow]sft: {cut} rows have a prompt of max_length ({cfg.max_length}) tokens or more; "
-                      "they are kept but teach nothing (raise --max-length)[/]", highlight=False)
+                      "TRL drops them, since no trained token is left (raise --max-length)[/]", highlight=False)
 
 
 def _load_dataset(cfg):
