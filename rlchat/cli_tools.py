@@ -222,14 +222,23 @@ def import_gguf(
         print(json.dumps(result, indent=1, default=str))
 
 
-@app.command("demo-data", epilog="Example: rlchat demo-data .demo/data")
+@app.command("demo-data", epilog="Example: rlchat demo-data .demo/data   |   rlchat demo-data .sums/data --task sums")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Directory to write sft.jsonl, pairs.jsonl and prompts.jsonl to.")],
     seed: Annotated[int, typer.Option(help="Random seed of the generator.")] = 0,
+    task: Annotated[str, typer.Option(help="demo: 'tell me about the <color> <thing>', chat messages "
+                                           "(rlchat/demo/task.py); sums: 'What is 23 plus 45?', plain-text "
+                                           "prompt/completion rows and pairs, plus corpus.txt for new-model "
+                                           "(rlchat/demo/sums.py).")] = "demo",
 ):
-    """Write the built-in demo task's data (SFT chats, preference pairs, held-out prompts)."""
+    """Write a built-in task's data (SFT rows, preference pairs, PPO prompts, held-out prompts)."""
+    from rlchat.demo.sums import write_sums_data
     from rlchat.demo.task import write_demo_data
     from rlchat.progress import console
+
+    if task not in ("demo", "sums"):
+        fail(RlchatError(f"unknown task '{task}'", "pass --task demo or --task sums"))
+    write_demo_data = write_sums_data if task == "sums" else write_demo_data  # noqa: F811
 
     try:
         from rlchat.rundir import check_output_path
