@@ -214,12 +214,13 @@ def test_mismatch_warning_names_the_raw_stage_and_the_fix():
     assert one_turn.mismatch_warning(failed, "eval") is None
 
 
-def test_stages_record_the_rendering_and_eval_warns_about_raw_text(tmp_path, tiny_model):
+def test_stages_record_the_rendering_and_ppo_eval_warn_about_raw_text(tmp_path, tiny_model):
     """Two short runs: plain prompt/completion sft + plain explicit pairs (one-turn chats, no warning), and `text`
-    sft + implicit plain pairs (raw text: the manifest says so and eval's start warns once, naming both)."""
-    from rlchat.config import EvalConfig, RewardConfig
+    sft + implicit plain pairs (raw text: the manifest says so, and the start of eval and of ppo warns once,
+    naming both)."""
+    from rlchat.config import EvalConfig, PPOConfig, RewardConfig
     from rlchat.progress import console
-    from rlchat.stages import evaluate, reward, sft
+    from rlchat.stages import evaluate, ppo, reward, sft
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPT}])
     steps = {"max_steps": 1, "batch_size": 4, "eval_fraction": 0.0, "save_steps": 100}
@@ -244,11 +245,13 @@ def test_stages_record_the_rendering_and_eval_warns_about_raw_text(tmp_path, tin
         assert ("prompt-completion strings read as one-turn chats" in log) == (kind == "one-turn")
         assert ("prompt/chosen/rejected strings read as one-turn chats" in log) == (kind == "one-turn")
 
-        with console.capture() as out:
-            evaluate._validate(resolve(EvalConfig, "eval", None, {"run_dir": str(run), "dataset": str(prompts)}))
-        warnings = [line for line in out.get().splitlines() if line.startswith("warning:")]
-        if kind == "one-turn":
-            assert warnings == []
-        else:
-            assert warnings == [one_turn.mismatch_warning(SimpleNamespace(record=lambda s: stages.get(s)), "eval")]
-            assert "sft policy" in warnings[0] and "reward model" in warnings[0]
+        for stage, validate, config in (("eval", evaluate._validate, EvalConfig), ("ppo", ppo._validate, PPOConfig)):
+            with console.capture() as out:  # step 1 of each stage (reading only)
+                validate(resolve(config, stage, None, {"run_dir": str(run), "dataset": str(prompts)}))
+            warnings = [line for line in out.get().splitlines() if line.startswith("warning:")]
+            if kind == "one-turn":
+                assert warnings == [], stage
+            else:
+                expected = one_turn.mismatch_warning(SimpleNamespace(record=lambda s: stages.get(s)), stage)
+                assert warnings == [expected] and f"but {stage} renders" in expected
+                assert "sft policy" in expected and "reward model" in expected
