@@ -3,7 +3,9 @@ them, and the statistics of scored pairs.
 
 Formats (TRL's): explicit (prompt + chosen + rejected) or implicit (the prompt is the shared prefix of chosen and
 rejected); plain text or lists of messages; an optional numeric `margin` column. The data rules are in
-rlchat/stages/reward.py's docstring.
+rlchat/stages/reward.py's docstring. Explicit plain-text pairs are read as one-turn chats (user prompt, assistant
+responses: rlchat/one_turn.py), so every stage that reads pairs here renders them through the chat template, as PPO
+does; implicit plain-text pairs stay plain text.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlchat.errors import DataError
+from rlchat.one_turn import pair_as_chat
 from rlchat.run_models import reward_input_ids
 from rlchat.stats import mean_std
 
@@ -30,6 +33,7 @@ class Pair:
     chosen: Any                   # the chosen response (after the prompt)
     rejected: Any
     margin: float | None = None
+    one_turn: bool = False        # an explicit plain-text pair, read as a one-turn chat (rlchat/one_turn.py)
 
 
 def clean_messages(value: list[dict]) -> list[dict]:
@@ -94,6 +98,8 @@ def read_pairs(ds, fmt: str, name: str | None = None, keep_identical: bool = Fal
         if conv:
             chosen, rejected = clean_messages(chosen), clean_messages(rejected)
             prompt = clean_messages(prompt) if prompt is not None else None
+        elif fmt == "explicit":  # the chat template PPO renders and scores with (rlchat/one_turn.py)
+            prompt, chosen, rejected = pair_as_chat(prompt, chosen, rejected)
         margin = None
         if has_margin:
             margin = row["margin"]
@@ -118,7 +124,7 @@ def read_pairs(ds, fmt: str, name: str | None = None, keep_identical: bool = Fal
                 if cut > 0:
                     n = cut
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        pairs.append(Pair(i, prompt, chosen, rejected, margin))
+        pairs.append(Pair(i, prompt, chosen, rejected, margin, one_turn=fmt == "explicit" and not conv))
     if bad_margin:
         raise DataError(f"{len(bad_margin)} row(s) of {where} have a 'margin' that is not a finite number (rows "
                         f"{rows_text(bad_margin)})", "give every row a numeric margin, or drop the column")

@@ -332,7 +332,8 @@ def reward_input_ids(tokenizer, prompt: Any, completion: Any, max_length: int | 
     """Token ids of prompt + completion as a reward model sees them, and whether they were truncated.
 
     Same rendering as TRL's RewardTrainer: messages through the chat template; plain text concatenated with the
-    eos token appended. Longer than max_length: keep="last" drops the first tokens (the reward stage's rule: the
+    eos token appended (only implicit plain-text pairs reach that: pairs.read_pairs reads explicit plain-text
+    pairs as chats, rlchat/one_turn.py). Longer than max_length: keep="last" drops the first tokens (the reward stage's rule: the
     score head reads the final token), keep="first" drops the last ones.
     """
     if isinstance(completion, list):

@@ -4,6 +4,8 @@
 
 Items: prompt + completion rows; pairs (prompt + chosen + rejected, or chosen + rejected: two items each, with
 pairwise accuracy and margin in the summary); or conversations (`messages`, the last turn is the completion).
+Plain-text prompt + completion rows and explicit pairs are scored as one-turn chats, as train-reward reads them
+(rlchat/one_turn.py), and written out as given.
 Each is truncated to the reward stage's max_length as in training (the first tokens are dropped). Raw scores:
 PPO's normalisation (reward_stats.json) is not applied.
 """
@@ -15,13 +17,15 @@ import time
 from pathlib import Path
 
 from rlchat.errors import ConfigError, DataError
+from rlchat.one_turn import assistant_turn, user_turn
 from rlchat.pairs import clean_messages, pair_stats, read_pairs, value_kind
 from rlchat.run_models import RewardScorer, load_reward_model, reward_record
 from rlchat.stats import mean_std
 
 
 def score_items(ds, name: str | None = None) -> list[dict]:
-    """The (prompt, completion) items to score in a dataset, each {"prompt", "completion"[, "label", "row"]}.
+    """The (prompt, completion) items to score in a dataset, each {"prompt", "completion"[, "label", "row",
+    "scored"]}: "scored" is (prompt, completion) as chat turns where the dataset gave plain strings.
 
     Columns: prompt + completion; prompt + chosen + rejected or chosen + rejected (two items per pair, labelled
     "chosen"/"rejected"); messages (the last turn is the completion and must be the assistant's).
@@ -35,8 +39,9 @@ def score_items(ds, name: str | None = None) -> list[dict]:
         fmt = "explicit" if "prompt" in columns else "implicit"
         pairs, _ = read_pairs(ds, fmt, name, keep_identical=True)
         for p in pairs:
-            items.append({"prompt": p.prompt, "completion": p.chosen, "label": "chosen", "row": p.row})
-            items.append({"prompt": p.prompt, "completion": p.rejected, "label": "rejected", "row": p.row})
+            for label, response in (("chosen", p.chosen), ("rejected", p.rejected)):
+                item = {"prompt": p.prompt, "completion": response, "label": label, "row": p.row}
+                items.append(_shown_as_given(item) if p.one_turn else item)
         return items
     if "prompt" in columns and "completion" in columns:
         for i, row in enumerate(ds):
@@ -46,8 +51,10 @@ def score_items(ds, name: str | None = None) -> list[dict]:
                 raise DataError(f"row {i} of {where} needs 'prompt' and 'completion' both strings or both lists "
                                 "of {role, content} messages", "fix or remove that row")
             if isinstance(completion, list):
-                prompt, completion = clean_messages(prompt), clean_messages(completion)
-            items.append({"prompt": prompt, "completion": completion, "row": i})
+                items.append({"prompt": clean_messages(prompt), "completion": clean_messages(completion), "row": i})
+            else:  # scored as a one-turn chat, as train-reward reads plain explicit pairs (rlchat/one_turn.py)
+                items.append(_shown_as_given({"prompt": user_turn(prompt), "completion": assistant_turn(completion),
+                                              "row": i}))
         return items
     if "messages" in columns:
         for i, row in enumerate(ds):
@@ -61,6 +68,12 @@ def score_items(ds, name: str | None = None) -> list[dict]:
     raise DataError(f"{where} has columns [{', '.join(columns)}], none of which the reward model can score",
                     "give it 'prompt' + 'completion', 'prompt' + 'chosen' + 'rejected', 'chosen' + 'rejected', or "
                     "'messages'")
+
+
+def _shown_as_given(item: dict) -> dict:
+    """A one-turn chat item scored as chat turns ("scored") and written out as the strings the dataset gave."""
+    shown = {"prompt": item["prompt"][0]["content"], "completion": item["completion"][0]["content"]}
+    return {**item, **shown, "scored": (item["prompt"], item["completion"])}
 
 
 def score(run_dir: str | Path, dataset: str, out_path: str | Path, split: str = "train", batch_size: int = 16,
@@ -94,7 +107,8 @@ def score(run_dir: str | Path, dataset: str, out_path: str | Path, split: str = 
     model, tokenizer = load_reward_model(run.path, trust_remote_code=trust_remote_code, device=pick_device())
     scorer = RewardScorer(model, tokenizer, batch_size, max_length, sort_by_length=True)
     with template_errors(f"a row of {dataset}"):
-        scores = scorer([it["prompt"] for it in items], [it["completion"] for it in items])
+        scored = [it.get("scored") or (it["prompt"], it["completion"]) for it in items]
+        scores = scorer([prompt for prompt, _ in scored], [completion for _, completion in scored])
 
     lines = []
     for it, s in zip(items, scores.tolist()):

@@ -19,6 +19,7 @@ import pytest
 
 from rlchat.config import RewardConfig, resolve
 from rlchat.errors import ConfigError, DataError, ModelError, RunDirError
+from rlchat.one_turn import user_turn
 from rlchat.pairs import pair_stats, read_pairs, tokenize_pairs
 from rlchat.run_models import (Base, RewardScorer, check_reward_base, load_base_causal, load_reward_model,
                                reward_input_ids)
@@ -226,7 +227,7 @@ def test_starts_from_sft_and_refuses_a_changed_sft_base(tmp_path, tiny_model, de
     entry = json.loads((run / "run.json").read_text())["stages"]["reward"]
     assert entry["parent"] == "sft" and entry["outputs"]["base"] == "sft"
     assert entry["outputs"]["base_hash"] == content_hash(run / "sft" / "adapter")
-    assert m["n_eval"] == 16 and m["format"] == "explicit"
+    assert m["n_eval"] == 16 and m["format"] == "explicit" and m["rendering"] == "chat"
     model, _ = load_reward_model(run)  # the matching base loads
     assert model.config.num_labels == 1
 
@@ -277,7 +278,7 @@ def test_implicit_prompt_margin_truncation_identical(tmp_path, tiny_model, capsy
                             center_rewards_coef=0.01))
     assert m["n_identical_skipped"] == 2
     assert m["n_truncated"] == 8
-    assert m["has_margin"] and m["format"] == "implicit"
+    assert m["has_margin"] and m["format"] == "implicit" and m["rendering"] == "raw text"
     assert m["n_train"] + m["n_eval"] == 38
     err = capsys.readouterr()
     text = " ".join((err.out + err.err).split())
@@ -303,8 +304,10 @@ def test_full_weights_save_and_reload(tmp_path, tiny_model):
     saved = read_jsonl(tmp_path / "run" / "reward" / "eval_scores.jsonl")
     assert len(saved) == m["n_eval"] == 10
     rows = read_jsonl(path)
-    ids = [reward_input_ids(tok, rows[r["row"]]["prompt"], rows[r["row"]]["chosen"], 512)[0] for r in saved]
-    scores = RewardScorer(model, tok, sort_by_length=True).score_ids(ids)
+    # plain explicit pairs train as one-turn chats (rlchat/one_turn.py): the reloaded model scores each chosen
+    # answer as PPO asks it, after the prompt as the user's turn
+    scores = RewardScorer(model, tok, sort_by_length=True)([user_turn(rows[r["row"]]["prompt"]) for r in saved],
+                                                           [rows[r["row"]]["chosen"] for r in saved])
     torch.testing.assert_close(scores, torch.tensor([r["chosen"] for r in saved]), atol=1e-5, rtol=0)
 
 

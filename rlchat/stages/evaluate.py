@@ -177,6 +177,7 @@ def _run(cfg) -> dict:
 
 def _validate(cfg) -> tuple:
     """Step 1: (run, policies, prompts, dataset spec, judge or None), reading only."""
+    from rlchat.one_turn import mismatch_warning
     from rlchat.progress import console
     from rlchat.prompts import load_prompts
     from rlchat.rewards import DUMMY_COMPLETIONS, DUMMY_PROMPTS, call_judge, load_judge
@@ -198,6 +199,9 @@ def _validate(cfg) -> tuple:
     if ppo_rec and "ppo" not in policies and not cfg.policies:
         console.print(f"[yellow]eval: the ppo stage is {ppo_rec.get('status')}, so only its SFT policy is "
                       f"evaluated[/]", highlight=False)
+    mismatch = mismatch_warning(run, "eval")
+    if mismatch:  # a policy or reward model trained on raw text (rlchat/one_turn.py)
+        console.print(f"[yellow]{mismatch}[/]", highlight=False)
     dataset_spec = prompts_spec(cfg, run)
     prompts, _, _ = load_prompts(dataset_spec, cfg.split, cfg.dataset_config, limit=cfg.max_prompts)
     _check_templates(run, cfg, sft_rec, prompts, dataset_spec)

@@ -174,6 +174,7 @@ def _validate(cfg) -> Inputs:
     """Step 1: the run directory, the starting policy, the reward sources and the prompts; nothing written."""
     from rlchat import dist, models
     from rlchat.generation import stop_token_ids
+    from rlchat.one_turn import mismatch_warning
     from rlchat.ppo_checkpoint import last_checkpoint
     from rlchat.progress import check_report_to, console, quiet_libraries
     from rlchat.prompts import load_prompts
@@ -207,6 +208,9 @@ def _validate(cfg) -> Inputs:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own bar shows progress
     plan = resolve_rewards(cfg, run, base)
+    mismatch = mismatch_warning(run, STAGE, sft=base.name == "sft", reward=plan.parent == "reward")
+    if mismatch:  # a policy or reward model trained on raw text (rlchat/one_turn.py)
+        console.print(f"[yellow]{mismatch}[/]", highlight=False)
     base_lm, tokenizer = load_base_causal(run, base, cfg.trust_remote_code)
     prompts, column, n_truncated = load_prompts(cfg.dataset, cfg.split, cfg.dataset_config, tokenizer=tokenizer,
                                                 max_tokens=cfg.max_prompt_length)

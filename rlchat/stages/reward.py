@@ -4,7 +4,8 @@ What `run(cfg)` does, in order:
   1. validate, before anything is written to the run directory: the run directory (a finished stage needs
      --overwrite), the base model (the run's SFT model, or --model), the pairs (TRL preference formats: explicit
      prompt + chosen + rejected, or implicit prompt shared inside chosen and rejected; plain text or lists of
-     messages; an optional numeric `margin` column), and the tokenized lengths.
+     messages; an optional numeric `margin` column), and the tokenized lengths. Explicit plain-text pairs are read
+     as one-turn chats (rlchat/one_turn.py), so the reward model trains on the chat template PPO scores with.
   2. begin the stage and train: the base is the SFT policy with its adapter merged in memory (as in InstructGPT and
      "The N+ implementation details of RLHF with PPO"), turned into a sequence classifier whose scalar `score` head
      reads the last non-pad token. LoRA by default (task type SEQ_CLS, so PEFT trains and saves the head through
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 
 from rlchat.errors import ConfigError, DataError, RunDirError
 from rlchat.models import with_load_settings
+from rlchat.one_turn import PAIRS_NOTE, pairs_rendering
 from rlchat.pairs import pair_stats, read_pairs, reward_health, rows_text, tokenize_pairs
 from rlchat.run_models import RewardScorer, load_base_causal, resolve_base
 
@@ -101,6 +103,7 @@ def run(cfg) -> dict:
             "n_truncated": sets.n_truncated,
             "n_identical_skipped": sets.n_identical,
             "format": sets.fmt,
+            "rendering": sets.rendering,
             "has_margin": "margin" in sets.train_cols,
             "trainable_params": trainable,
             "total_params": total,
@@ -174,6 +177,7 @@ class PairSets:
     eval_set: object | None
     n_truncated: int            # pairs left-truncated to max_length
     n_identical: int            # pairs skipped: chosen == rejected, before or after truncation
+    rendering: str              # one_turn.CHAT | ONE_TURN (explicit plain-text pairs) | RAW (implicit plain text)
 
 
 def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
@@ -188,6 +192,8 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     pairs, identical = read_pairs(ds, fmt, cfg.dataset)
     console.print(f"[bold]reward[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}"
                   + (", with margins" if pairs[0].margin is not None else ""), highlight=False)
+    if pairs[0].one_turn:
+        console.print(f"[bold]reward[/] {PAIRS_NOTE}", highlight=False)
     kept = ds.select([p.row for p in pairs])   # so the split works on valid pairs only
     by_row = {p.row: p for p in pairs}
     kept = kept.add_column("_row", [p.row for p in pairs])
@@ -230,7 +236,8 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     train_set = Dataset.from_dict({k: v for k, v in train_cols.items() if k != "rows"})
     eval_set = (Dataset.from_dict({k: v for k, v in eval_cols.items() if k != "rows"})
                 if eval_cols and eval_cols["chosen_ids"] else None)
-    sets = PairSets(fmt, train_cols, eval_cols, train_set, eval_set, n_truncated, len(identical) + len(collapsed))
+    sets = PairSets(fmt, train_cols, eval_cols, train_set, eval_set, n_truncated, len(identical) + len(collapsed),
+                    pairs_rendering(pairs[0].one_turn, data.is_conversational(ds)))
     return sets, model, tokenizer
 
 

@@ -2,7 +2,8 @@
 
 What it does, in order:
   1. validate: config (done by the CLI), the run directory (a finished stage needs --overwrite), the dataset
-     (loads, detects the TRL format: messages / prompt+completion / text), the model and tokenizer.
+     (loads, detects the TRL format: messages / prompt+completion / text; plain prompt+completion strings are read
+     as one-turn chats, as PPO renders them: rlchat/one_turn.py), the model and tokenizer.
      Nothing is written to the run directory before all of this passed.
   2. begin the stage in the manifest (RUN/run.json) and train: LoRA by default, --full for all weights; loss on
      assistant tokens only for conversations (completion tokens only for prompt+completion): TRL masks them through
@@ -73,7 +74,7 @@ def run(cfg) -> dict:
     t_start = time.time()
     # 1. validate everything before the first write
     run, mode, inputs = _check_run(cfg)
-    fmt, train_ds, eval_ds = _load_dataset(cfg)
+    fmt, train_ds, eval_ds, rendering = _load_dataset(cfg)
     quiet_libraries()
     with oom_guard("sft"):
         model = models.load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)  # checks it is a causal LM
@@ -108,6 +109,7 @@ def run(cfg) -> dict:
             "n_eval": len(eval_ds) if eval_ds is not None else 0,
             "processes": dist.world_size(),
             "format": fmt,
+            "rendering": rendering,
             "assistant_masks": masks,
             "trainable_params": trainable,
             "total_params": total,
@@ -167,13 +169,18 @@ def _check_inputs(cfg, model, tokenizer, fmt: str, train_ds, eval_ds) -> None:
 
 
 def _load_dataset(cfg):
-    """(format, train split, eval split or None) of cfg.dataset; DataError when it is not SFT data."""
+    """(format, train split, eval split or None, rendering) of cfg.dataset; DataError when it is not SFT data.
+    Plain prompt-completion strings come back as one-turn chats (rendering "one-turn chat": rlchat/one_turn.py)."""
     from rlchat import data
+    from rlchat.one_turn import ONE_TURN, SFT_NOTE, sft_as_chats
     from rlchat.progress import console
 
     ds = data.load_any(cfg.dataset, split=cfg.split, config=cfg.dataset_config)
     fmt = data.detect_sft_format(ds, cfg.dataset)
     console.print(f"[bold]sft[/] dataset {cfg.dataset}: {data.describe(ds, fmt)}", highlight=False)
+    ds, rendering = sft_as_chats(ds, fmt)
+    if rendering == ONE_TURN:
+        console.print(f"[bold]sft[/] {SFT_NOTE}", highlight=False)
     if cfg.eval_split is None:
         train_ds, eval_ds = data.split_eval(ds, cfg.eval_fraction, cfg.seed)
     else:  # an explicit held-out split: all of `split` trains
@@ -184,7 +191,8 @@ def _load_dataset(cfg):
                             f"is {fmt}", "evaluate on a split of the same format")
         console.print(f"[bold]sft[/] eval split {cfg.eval_split}: {data.describe(eval_ds, eval_fmt)}",
                       highlight=False)
-    return fmt, train_ds, eval_ds
+        eval_ds = sft_as_chats(eval_ds, eval_fmt)[0]
+    return fmt, train_ds, eval_ds, rendering
 
 
 def _assistant_masks(cfg, tokenizer, fmt: str, train_ds, eval_ds):
