@@ -40,7 +40,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 # the command that runs each stage (for "see `rlchat train-reward --help`")
-STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval"}
+STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval", "dpo": "dpo"}
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # TRL DPOTrainer loss_type values offered
 
 
 def _f(default, help: str, **rules):
@@ -177,6 +178,23 @@ class RewardConfig(TrainConfig):
     lr: float = _like(TrainConfig, "lr", 1e-4)
     center_rewards_coef: float | None = _f(None, "weight of an auxiliary loss that keeps rewards centred on zero "
                                                  "(e.g. 0.01); None = off", ge=0)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO: the policy trained directly on chosen/rejected pairs (TRL's DPOTrainer); the reference is the starting
+    policy (with LoRA: the same model with the adapter off)."""
+
+    model: str | None = _like(TrainConfig, "model", help="starting policy (and reference): None = the run's SFT "
+                                                          "model; or a Hub id / local directory")
+    dataset: str | None = _like(RewardConfig, "dataset")
+    lr: float = _like(TrainConfig, "lr", 5e-5)
+    beta: float = _f(0.1, "DPO beta: weight of the implicit KL to the reference; higher keeps the policy closer to "
+                          "it (for ipo: the regularisation tau)", gt=0)
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo, hinge (SLiC) or robust (with "
+                                   "label_smoothing as the flip rate)", choices=DPO_LOSSES)
+    label_smoothing: float = _f(0.0, "assumed fraction of pairs whose label is flipped (conservative / robust DPO); "
+                                     "0 = plain DPO", ge=0, lt=0.5)
 
 
 @dataclass
@@ -321,7 +339,8 @@ def _choices_text(values: list[int]) -> str:
     return ", ".join(map(str, values[:-1])) + (" or " if len(values) > 1 else "") + str(values[-1])
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig,
+                                  "dpo": DPOConfig}
 
 
 # ---- resolve --------------------------------------------------------------------------------------------------
