@@ -210,7 +210,7 @@ def plot_ppo(rows: list[dict], path: Path) -> Path | None:
                   (reward, "reward (score - KL penalty)", "#9467bd", True)],
            "PPO: score and reward per response", "score (PPO score units)", "score")
     _panel(ax_k, [(kl, "KL(policy || reference)", "#d62728", True)],
-           "PPO: KL to the reference (SFT) policy", "KL per response (nats)", "KL")
+           "PPO: KL to the reference policy (SFT, or the starting model)", "KL per response (nats)", "KL")
     _panel(ax_l, [(length, "mean response length", "#8c564b", True)],
            "PPO: response length", "length (tokens)", "response length")
     _panel(ax_v, [(vloss, "value loss", "#17becf", True)],
@@ -386,8 +386,8 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
 
     if report:
         out += ["## Policies", "",
-                "| policy | reward model (mean ± std) | judge (mean ± std) | KL to sft, k1 ± SE (nats) | k3 ± SE "
-                "| length (tokens) | EOS rate | distinct-1 | distinct-2 | n |",
+                f"| policy | reward model (mean ± std) | judge (mean ± std) | KL to {s.get('reference', 'sft')}, "
+                "k1 ± SE (nats) | k3 ± SE | length (tokens) | EOS rate | distinct-1 | distinct-2 | n |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in report.get("policies", {}).items():
             rm = "–" if m.get("mean_reward") is None else f"{m['mean_reward']:.3f} ± {m['std_reward']:.3f}"

@@ -189,6 +189,17 @@ def load_base_causal(run, base: Base, trust_remote_code: bool = False):
     return model, tokenizer
 
 
+def starting_model(run) -> str | None:
+    """In a run without an SFT stage: the --model that the finished ppo (else reward) stage started from, as its
+    outputs record it (`base`), or None when neither stage did."""
+    for stage in ("ppo", "reward"):
+        rec = run.record(stage) or {}
+        base = (rec.get("outputs") or {}).get("base")
+        if rec.get("status") == "done" and base and base != "sft":
+            return base
+    return None
+
+
 def base_model_spec(run) -> str:
     """The base model the SFT stage started from (manifest sft outputs.base_model or config.model), loadable now."""
     return resolve_base_spec(run.path, sft_base_spec(run.record("sft") or {}))
@@ -460,12 +471,14 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
     return model, False
 
 
-def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy"):
+def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy",
+                    loaded_base: str | None = None):
     """(model, shared) of the run's finished PPO policy (see `attach_ppo`); which="best": RUN/ppo/best.
 
     PPO records the base its adapter sits on (outputs.base: "sft" or a --model spec, and base_hash). On "sft" the
     adapter goes on `sft_model`, after checking that the SFT weights are the ones PPO trained on; on another base,
-    that model is loaded and the adapter goes on it (a second model in memory).
+    that model is loaded and the adapter goes on it (a second model in memory), unless `sft_model` already is that
+    base (`loaded_base`: its spec; eval of a run without SFT).
     """
     rec = run.record("ppo") or {}
     outputs = rec.get("outputs") or {}
@@ -480,7 +493,7 @@ def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str 
         raise ModelError(f"the PPO adapter in {policy_dir} was trained on a different version of {what} "
                          f"(hash {recorded[:19]}..., now {base.hash[:19]}...)",
                          f"rerun ppo: rlchat ppo --run-dir {run.path} --overwrite")
-    if name == "sft":
+    if name == "sft" or name == loaded_base:
         return attach_ppo(sft_model, policy_dir, trust_remote_code)
     other, _ = load_base_causal(run, base, trust_remote_code)
     model, _ = attach_ppo(other, policy_dir, trust_remote_code)

@@ -592,6 +592,48 @@ def test_sampling_eval_on_an_sft_only_run(trained_run):
     assert json.loads((run / "run.json").read_text())["stages"]["eval"]["parent"] == "sft"
 
 
+@pytest.mark.slow
+def test_eval_of_a_run_without_sft_compares_ppo_with_the_starting_model(tiny_model, demo_data, tmp_path):
+    """train-reward and ppo started from --model (no sft stage): eval calls that model `base`, measures KL to it
+    (base's own is 0), compares ppo with it, and records it as an input. base's answers are the plain model's
+    (the PPO adapter it shares memory with is off), recomputed here from a separately loaded copy."""
+    from rlchat.generation import (decode_responses, encode_prompt, generate, generation_config, prompt_limit,
+                                   stop_token_ids)
+    from rlchat.models import load_causal_lm, load_tokenizer
+
+    run = tmp_path / "run"
+    res = invoke("train-reward", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["pairs"],
+                 "--max-steps", 4, "--batch-size", 8, "--eval-fraction", "0.02")
+    assert res.exit_code == 0, res.output
+    res = invoke("ppo", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["prompts"], "--episodes", 8,
+                 "--batch-size", 4, "--response-length", 8)
+    assert res.exit_code == 0, res.output
+    before = snapshot(run)
+    res = invoke("eval", "--run-dir", run, "--dataset", demo_data["eval_prompts"], "--max-prompts", 4,
+                 "--policies", "sft,ppo")
+    assert res.exit_code == 2 and "no sft stage" in res.output and snapshot(run) == before, res.output
+    res = invoke("eval", "--run-dir", run, "--dataset", demo_data["eval_prompts"], "--judge", JUDGE,
+                 "--max-prompts", 4, "--max-new-tokens", 8, "--batch-size", 2, "--kl-samples", 2)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert rep["settings"]["reference"] == "base" and list(rep["policies"]) == ["base", "ppo"]
+    assert [(c["a"], c["b"]) for c in rep["comparisons"]] == [("ppo", "base")]
+    assert rep["policies"]["base"]["kl_to_ref"] == 0.0 and rep["policies"]["ppo"]["kl_to_ref"] is not None
+    assert "pi_base" in rep["settings"]["kl"] and rep["summary"].startswith("ppo ")
+    entry = json.loads((run / "run.json").read_text())["stages"]["eval"]
+    assert entry["parent"] == "ppo" and entry["inputs"]["base"]["spec"] == str(tiny_model)
+    assert "KL to base" in (run / "eval" / "report.md").read_text()
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_causal_lm(str(tiny_model)).eval()
+    stop_ids = stop_token_ids(model, tok)
+    gen = generation_config(8, 0.0, 1.0, stop_ids, tok.pad_token_id, bos_id=tok.bos_token_id)
+    rows = read_jsonl(run / "eval" / "responses.jsonl")
+    for row in rows:
+        resp, _ = generate(model, tok, [encode_prompt(tok, row["messages"], prompt_limit(model, 8))], gen, stop_ids)
+        assert row["policies"]["base"]["response"] == decode_responses(tok, resp, stop_ids)[0].strip()
+
+
 # ------------------------------------------------------------------------------------------- export, chat
 
 
