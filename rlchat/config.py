@@ -32,7 +32,7 @@ from rlchat.errors import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 SEED_MAX = 2**32 - 1  # numpy's seed range
-EVAL_POLICIES = ("base", "sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best (ppo --eval-every)
+EVAL_POLICIES = ("base", "sft", "ppo", "ppo-best", "grpo", "rloo", "dpo")  # ppo-best: RUN/ppo/best (--eval-every)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # transformers' SchedulerType values that need no extra arguments (get_scheduler builds each from the warmup and
@@ -331,6 +331,8 @@ class EvalConfig(RunConfig):
                             "estimate its KL to the SFT policy, with a standard error", gt=0)
     policies: list[str] | None = _f(None, f"policies to compare, comma-separated from {', '.join(EVAL_POLICIES)}; "
                                           f"None = every one the run has", choices=EVAL_POLICIES)
+    pairwise: bool = _f(False, "also compare the trained policies (ppo, grpo, rloo, dpo, ...) with each other, every "
+                               "pair, besides each one with the reference")
 
 
 def _choices_text(values: list[int]) -> str:

@@ -19,8 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # the policy KL is measured against (PPO's reference); in a run without SFT it is the starting model, "base"
 REFERENCE_POLICY = "sft"
-# (a, b) pairs compared, in this order, when both policies were evaluated: "a over b"
-COMPARISONS = (("ppo", "sft"), ("ppo-best", "sft"), ("ppo", "base"), ("sft", "base"), ("ppo-best", "base"))
+
+
+def comparison_pairs(policies: list[str], reference: str = REFERENCE_POLICY, pairwise: bool = False
+                     ) -> list[tuple[str, str]]:
+    """The (a, b) pairs compared, "a over b", in this order: every trained policy over the reference; every policy
+    over base (when base is evaluated and is not the reference); with `pairwise`, every two trained policies (the
+    earlier in `policies` order first). The first pair is the report's headline."""
+    trained = [p for p in policies if p not in (reference, "base")]
+    pairs = [(p, reference) for p in trained if reference in policies]
+    if "base" in policies and reference != "base":
+        pairs += [(p, "base") for p in trained[:1] + [reference] + trained[1:] if p in policies]
+    if pairwise:
+        pairs += [(a, b) for i, a in enumerate(trained) for b in trained[i + 1:]]
+    return pairs
 
 
 @dataclass
@@ -48,7 +60,7 @@ def identical_fraction(a: list[str], b: list[str]) -> float | None:
 SAME_ANSWERS = 0.5  # above this fraction of identical greedy answers, a sampled comparison is added
 
 
-def needs_sampled_comparison(policies: list[str], results: dict, cfg) -> bool:
+def needs_sampled_comparison(policies: list[str], results: dict, cfg, reference: str = REFERENCE_POLICY) -> bool:
     """True under greedy decoding when, for some compared pair, more than SAME_ANSWERS of the answers are
     identical (counted over all processes, so that every process decides the same)."""
     if cfg.temperature > 0:
@@ -58,10 +70,9 @@ def needs_sampled_comparison(policies: list[str], results: dict, cfg) -> bool:
     from rlchat import dist
 
     counts = []
-    for a, b in COMPARISONS:
-        if a in policies and b in policies:
-            ra, rb = results[a].responses, results[b].responses
-            counts += [sum(x == y for x, y in zip(ra, rb)), len(ra)]
+    for a, b in comparison_pairs(policies, reference, getattr(cfg, "pairwise", False)):
+        ra, rb = results[a].responses, results[b].responses
+        counts += [sum(x == y for x, y in zip(ra, rb)), len(ra)]
     if not counts:
         return False
     counts = dist.all_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
@@ -147,14 +158,13 @@ def _win_rates(ra: PolicyResult, rb: PolicyResult, fields: tuple[str, str]) -> d
     return row
 
 
-def comparisons(policies: list[str], results: dict, kl_t: float = 1.0) -> list[dict]:
+def comparisons(policies: list[str], results: dict, kl_t: float = 1.0, reference: str = REFERENCE_POLICY,
+                pairwise: bool = False) -> list[dict]:
     """Win rates of each compared pair on the evaluated responses; `identical` = the fraction of prompts where
     both answered the same text; `sampled` = win rates on one sample per prompt at temperature kl_t, when the
     sampled comparison ran (most greedy answers identical), else None."""
     out = []
-    for a, b in COMPARISONS:
-        if a not in policies or b not in policies:
-            continue
+    for a, b in comparison_pairs(policies, reference, pairwise):
         ra, rb = results[a], results[b]
         row = {"a": a, "b": b, "n": len(ra.responses), **_win_rates(ra, rb, ("reward", "judge")),
                "identical": identical_fraction(ra.responses, rb.responses), "sampled": None}
@@ -209,6 +219,12 @@ def summary_line(policies: dict, comps: list[dict], reference: str = REFERENCE_P
     if c["a"] != reference and policies[c["a"]]["kl_to_ref"] is not None:
         text += "; " + kl_text(policies[c["a"]])
     text += f" ({c['n']} prompts)"
+    for other in comps[1:]:  # every other trained policy against the reference, briefly
+        if other["b"] == reference and other[f"win_rate_{primary}"] is not None:
+            lo, hi = other[f"ci_{primary}"]
+            text += f"; {other['a']} over {reference} {other[f'win_rate_{primary}']:.2f} [{lo:.2f}, {hi:.2f}]"
+            if policies[other["a"]]["kl_to_ref"] is not None:
+                text += ", " + kl_text(policies[other["a"]])
     if c.get("identical") is not None and c["identical"] > SAME_ANSWERS:
         text += f"; {c['identical']:.0%} of the answers are identical"
         sampled = c.get("sampled")
@@ -223,7 +239,7 @@ def summary_line(policies: dict, comps: list[dict], reference: str = REFERENCE_P
 def build_report(run, cfg, policies: list[str], prompts: list[Prompt], results: dict, dataset_spec: str,
                  has_rm: bool, kl_t: float = 1.0, reference: str = REFERENCE_POLICY) -> dict:
     per_policy = {name: policy_metrics(results[name]) for name in policies}
-    comps = comparisons(policies, results, kl_t)
+    comps = comparisons(policies, results, kl_t, reference, bool(getattr(cfg, "pairwise", False)))
     settings = {
         "dataset": dataset_spec,
         "split": cfg.split,
@@ -272,6 +288,9 @@ def headline_metrics(report: dict) -> dict:
         if c["sampled"]:
             m["sampled_win_rate_judge"] = c["sampled"]["win_rate_judge"]
             m["sampled_win_rate_reward"] = c["sampled"]["win_rate_reward"]
+    for c in comps:  # each policy over the reference (the primary score: judge, else reward model)
+        if c["b"] == reference:
+            m[f"{c['a']}/win_rate"] = c["win_rate_judge"] if c["win_rate_judge"] is not None else c["win_rate_reward"]
     for name, p in report["policies"].items():
         for key in ("mean_reward", "mean_judge", "kl_to_ref", "kl_to_ref_se", "mean_length"):
             if p[key] is not None and not (key.startswith("kl_to_ref") and name == reference):

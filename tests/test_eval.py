@@ -391,28 +391,34 @@ def _own_logprob_sum(model, prompt_ids: list[int], response_ids: list[int]) -> f
     return sum(logp[P - 1 + t, tok].item() for t, tok in enumerate(response_ids))
 
 
+def greedy_response(model, tok, messages: list[dict], max_new: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy response ids up to and including EOS) of one prompt, unbatched and unpadded: the
+    reference the batched eval generation is checked against."""
+    import torch
+
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    response = out[0, len(prompt_ids):].tolist()
+    if tok.eos_token_id in response:
+        response = response[:response.index(tok.eos_token_id) + 1]
+    return prompt_ids, response
+
+
 @pytest.mark.slow
 def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
     """Separately loaded models (PPO merged into the weights, SFT on its own), one prompt at a time, no padding:
     the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `log_ratio`."""
-    import torch
-
     from rlchat import run_models
     from rlchat.export import load_policy
 
     run, rows = evaluated["run"], evaluated["rows"]
     ppo, tok = load_policy(run, "ppo", merge=True)
     sft, _ = run_models.load_sft_policy(run)
-    eos = tok.eos_token_id
     for row in rows[:3]:
-        text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            out = ppo.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                               eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        response = out[0, len(prompt_ids):].tolist()
-        if eos in response:
-            response = response[:response.index(eos) + 1]
+        prompt_ids, response = greedy_response(ppo, tok, row["messages"], MAX_NEW)
         stored = row["policies"]["ppo"]
         assert tok.decode(response, skip_special_tokens=True).strip() == stored["response"]
         assert len(response) == stored["length"]

@@ -1,15 +1,17 @@
 """`rlchat eval`: generate with every policy of a run on held-out prompts, score, compare, write the report.
 
 What it does, in order:
-  1. validate: the run has a trained policy (a finished `sft` stage; `ppo` is used when it finished) or, in a run
+  1. validate: the run has a trained policy (a finished `sft` stage; every finished policy stage, ppo, grpo, rloo,
+     dpo, is compared with it: rlchat/eval_policies.py finds them) or, in a run
      with no `sft` stage, a starting model (the --model that the finished ppo, else train-reward, stage started
      from, recorded in its outputs): it is evaluated as `base`, the reference for KL, and ppo is compared against
      it. The eval stage may start (a finished one needs --overwrite), the prompts load and are not empty, the judge imports and
      returns one finite number per response (called once on two prompts), the models and the reward model load.
      Nothing is written to the run directory before all of this passed.
   2. generate: every policy answers every prompt with the same decoding settings (greedy by default; sampling when
-     --temperature > 0, with --top-p), batched with left padding. The SFT and PPO policies share one model in
-     memory: the SFT-merged base with the PPO LoRA adapter on top, switched off for SFT. `--include-base` loads
+     --temperature > 0, with --top-p), batched with left padding. The SFT policy and every LoRA policy trained on it
+     share one model in memory: the SFT-merged base with each stage's adapter loaded by name (one switched on at
+     a time), all switched off for SFT. `--include-base` loads
      the base checkpoint a second time (the first copy has the SFT adapter merged into its weights).
   3. KL to the reference policy (PPO's reference: the SFT policy, or `base` in a run without SFT), always on SAMPLES, whatever decoding the win
      rates use: every other policy draws --kl-samples responses per prompt at the PPO stage's sampling temperature
@@ -24,8 +26,9 @@ What it does, in order:
      first KL sample (one per prompt; sft samples one at T too) is scored and compared: the sampled comparison.
   4. score: every response with the run's reward model (if the run has one; raw scores, not normalised) and with
      the --judge function (if given), both batched.
-  5. metrics per policy (mean/std of scores, KL, length, EOS rate, distinct-1/2) and pairwise win rates with a
-     95% Wilson score interval (rlchat/eval_report.py); write RUN/eval/responses.jsonl and report.json, then `rlchat.report.render`
+  5. metrics per policy (mean/std of scores, KL, length, EOS rate, distinct-1/2) and win rates with a 95% Wilson
+     score interval, of every policy against the reference (and base), and with --pairwise of the trained
+     policies against each other (rlchat/eval_report.py); write RUN/eval/responses.jsonl and report.json, then `rlchat.report.render`
      writes report.md and the PNG plots. All files are written atomically.
 
 What it leaves out: multi-turn rollouts (a prompt with several turns is answered once), pairwise LLM judges (a
@@ -36,12 +39,13 @@ several responses per prompt (only the KL estimate samples several).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlchat.errors import ConfigError, RunDirError
+from rlchat.eval_policies import (POLICY_STAGES, SAMPLING_STAGES, Policies, choose_policies, kl_temperature,
+                                  load_policies)
 from rlchat.eval_report import (REFERENCE_POLICY, PolicyResult, build_report, gather_results, headline_metrics,
                                 needs_sampled_comparison, write_outputs)
 from rlchat.models import with_load_settings
@@ -49,93 +53,13 @@ from rlchat.generation import (encode_prompt, generate, generation_config, promp
                                stop_token_ids, token_logprobs)
 from rlchat.prompts import Prompt
 
-POLICY_ORDER = ("base", "sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
-
-
-# -------------------------------------------------------------------------------------------------- policies
-
-
-class Policies:
-    """The models of a run's policies. `sft` and `ppo` share one model when the PPO policy is a LoRA adapter:
-    the SFT-merged base with the adapter, which `use("sft")` switches off. `base` is its own model.
-
-    In a run without SFT (reference="base") `sft_model` is the starting model itself: PPO's adapter sits on it,
-    `use("base")` switches the adapter off, and no second copy is loaded."""
-
-    def __init__(self, sft_model, tokenizer, ppo_model=None, ppo_shared: bool = False, base_model=None,
-                 best_model=None, reference: str = REFERENCE_POLICY):
-        self.sft_model = sft_model  # the reference policy's model: the SFT policy, or the starting model
-        self.tokenizer = tokenizer
-        self.ppo_model = ppo_model
-        self.ppo_shared = ppo_shared
-        self.base_model = base_model
-        self.best_model = best_model  # None when ppo-best is a second adapter ("best") on the shared ppo_model
-        self.reference = reference  # "sft", or "base" in a run that started from --model (no SFT stage)
-
-    @contextlib.contextmanager
-    def use(self, name: str):
-        if name == "base" and self.reference != "base":
-            yield self.base_model
-        elif name == "ppo":
-            yield self.ppo_model
-        elif name == "ppo-best" and self.best_model is not None:
-            yield self.best_model
-        elif name == "ppo-best":
-            self.ppo_model.set_adapter("best")
-            try:
-                yield self.ppo_model
-            finally:
-                self.ppo_model.set_adapter("default")
-        elif name == self.reference and self.ppo_shared:
-            with self.ppo_model.disable_adapter():
-                yield self.ppo_model
-        else:  # the reference: sft, or base in a run without SFT
-            yield self.sft_model
-
-
 # -------------------------------------------------------------------------------------------------- validate
 
 
-def choose_policies(run, cfg, reference: str = REFERENCE_POLICY) -> list[str]:
-    """The policies to evaluate, in POLICY_ORDER; RunDirError when one asked for is not in the run. The reference
-    (sft, or base in a run without SFT) is always evaluated when --policies does not name the policies."""
-    from rlchat.run_models import starting_model
-
-    ppo_rec = run.record("ppo")
-    has_ppo = bool(ppo_rec and ppo_rec.get("status") == "done")
-    has_best = has_ppo and bool((ppo_rec.get("outputs") or {}).get("best"))
-    if cfg.policies:
-        wanted = set(cfg.policies)
-        if "ppo-best" in wanted and not has_best:
-            raise RunDirError(f"policy 'ppo-best' was asked for but the ppo stage in {run.path} kept no best policy "
-                              "(it ran without --eval-every, or has not finished)",
-                              f"rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`, or leave "
-                              "ppo-best out of --policies")
-        if "ppo" in wanted and not has_ppo:
-            status = ppo_rec.get("status") if ppo_rec else "not run"
-            raise RunDirError(f"policy 'ppo' was asked for but the ppo stage in {run.path} is {status}",
-                              f"run `rlchat ppo --run-dir {run.path}` first, or leave ppo out of --policies")
-        if "sft" in wanted and reference != "sft":
-            raise RunDirError(f"policy 'sft' was asked for but {run.path} has no sft stage (ppo / train-reward "
-                              f"started from {starting_model(run)})", "leave sft out of --policies: that "
-                              "starting model is the policy 'base' here")
-        if cfg.include_base or reference == "base":
-            wanted.add("base")
-    else:
-        wanted = ({reference} | ({"ppo"} if has_ppo else set()) | ({"ppo-best"} if has_best else set())
-                  | ({"base"} if cfg.include_base else set()))
-    return [p for p in POLICY_ORDER if p in wanted]
-
-
-def kl_temperature(run) -> float:
-    """The temperature PPO sampled at (its manifest config), at which the KL to the reference is estimated."""
-    rec = run.record("ppo") or {}
-    return float((rec.get("config") or {}).get("temperature") or 1.0)
-
-
 def prompts_spec(cfg, run) -> str:
-    """The eval prompts' dataset: --dataset, else the one the run's PPO stage trained on."""
-    spec = cfg.dataset or ((run.record("ppo") or {}).get("config") or {}).get("dataset")
+    """The eval prompts' dataset: --dataset, else the one the run's PPO (else GRPO, RLOO) stage trained on."""
+    trained_on = [((run.record(stage) or {}).get("config") or {}).get("dataset") for stage in SAMPLING_STAGES]
+    spec = cfg.dataset or next((s for s in trained_on if s), None)
     if not spec:
         raise ConfigError("eval needs prompts", "pass --dataset (a file with a 'prompt', 'messages' or 'text' "
                           "column), or set `eval: {dataset: ...}` in the recipe")
@@ -165,7 +89,7 @@ def _run(cfg) -> dict:
     # 1. validate everything before the first write, then load the models
     run, policies, prompts, dataset_spec, judge, start_spec = _validate(cfg)
     pol, rm = _load_models(run, cfg, policies, start_spec)
-    parent = "ppo" if "ppo" in policies else (None if start_spec else "sft")
+    parent = next((p for p in POLICY_STAGES if p in policies), None) or (None if start_spec else "sft")
     inputs = {"dataset": input_record(dataset_spec)}
     if start_spec:  # lineage of a run without SFT: the starting model `base` (hashed by the stage that used it)
         inputs["base"] = input_record(start_spec, hash=False)
@@ -218,10 +142,11 @@ def _validate(cfg) -> tuple:
         run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
     reference = "base" if start_spec else REFERENCE_POLICY
     policies = choose_policies(run, cfg, reference)
-    ppo_rec = run.record("ppo")
-    if ppo_rec and "ppo" not in policies and not cfg.policies:
-        console.print(f"[yellow]eval: the ppo stage is {ppo_rec.get('status')}, so only the {reference} policy "
-                      f"is evaluated[/]", highlight=False)
+    for stage in POLICY_STAGES:  # a policy stage that has not finished has no policy to compare
+        rec = run.record(stage)
+        if rec and stage not in policies and not cfg.policies:
+            console.print(f"[yellow]eval: the {stage} stage is {rec.get('status')}, so its policy is left out[/]",
+                          highlight=False)
     dataset_spec = prompts_spec(cfg, run)
     prompts, _, _ = load_prompts(dataset_spec, cfg.split, cfg.dataset_config, limit=cfg.max_prompts)
     _check_templates(run, cfg, sft_rec, prompts, dataset_spec, start_spec)
@@ -253,42 +178,15 @@ def _check_templates(run, cfg, sft_rec: dict | None, prompts: list, spec: str, s
 
 
 def _load_models(run, cfg, policies: list[str], start_spec: str | None = None):
-    """(Policies, the run's reward scorer or None), on the device. In a run without SFT the starting model
-    (start_spec) takes the SFT policy's place, as the reference `base`."""
+    """(Policies, the run's reward scorer or None), on the device (rlchat/eval_policies.py)."""
     from rlchat import models
-    from rlchat.run_models import (Base, base_model_spec, load_base_causal, load_ppo_policy, load_run_reward_scorer,
-                                   load_sft_policy)
     from rlchat.progress import quiet_libraries
+    from rlchat.run_models import load_run_reward_scorer
 
     quiet_libraries()
-    device = models.pick_device()
-    if start_spec:
-        sft_model, tokenizer = load_base_causal(run, Base(start_spec, None, None), cfg.trust_remote_code)
-        sft_model.eval().to(device)
-    else:
-        sft_model, tokenizer = load_sft_policy(run.path, trust_remote_code=cfg.trust_remote_code, device=device)
-    ppo_model, shared, best_model = None, False, None
-    if "ppo" in policies or "ppo-best" in policies:
-        ppo_model, shared = load_ppo_policy(run, sft_model, cfg.trust_remote_code, loaded_base=start_spec)
-        ppo_model.to(device)
-    if "ppo-best" in policies:
-        from rlchat.run_models import ppo_policy_dir
-
-        if shared:  # a second adapter on the same model, switched on for ppo-best only
-            ppo_model.load_adapter(str(ppo_policy_dir(run, run.record("ppo"), "best")), adapter_name="best")
-            ppo_model.to(device)
-        else:
-            best_model, _ = load_ppo_policy(run, sft_model, cfg.trust_remote_code, "best", loaded_base=start_spec)
-            best_model.to(device)
-    base_model = None
-    if "base" in policies and not start_spec:
-        base_model = models.load_causal_lm(base_model_spec(run), trust_remote_code=cfg.trust_remote_code,
-                                           device=device)
-        models.align_model_with_tokenizer(base_model, tokenizer)
-        base_model.eval()
-    rm = load_run_reward_scorer(run, cfg.batch_size, device, cfg.trust_remote_code)
-    reference = "base" if start_spec else REFERENCE_POLICY
-    return Policies(sft_model, tokenizer, ppo_model, shared, base_model, best_model, reference), rm
+    pol = load_policies(run, cfg, policies, start_spec)
+    rm = load_run_reward_scorer(run, cfg.batch_size, models.pick_device(), cfg.trust_remote_code)
+    return pol, rm
 
 
 def _write_report_files(run, stage_dir: Path, report: dict) -> None:
@@ -325,7 +223,7 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
     from rlchat.progress import stage_progress
 
     tok = pol.tokenizer
-    limit = prompt_limit(pol.sft_model, cfg.max_new_tokens)
+    limit = prompt_limit(pol.ref_model, cfg.max_new_tokens)
     bs = cfg.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
     batches = batches[dist.rank()::dist.world_size()]  # this process's share
@@ -345,7 +243,7 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
         _log_ratio_all(pol, policies, work, results, progress, task)
         _kl_all(pol, policies, work, cfg, kl_t, results, progress, task)
         _score_all(policies, prompts, work, cfg, rm, judge, results, progress, task)
-        if needs_sampled_comparison(policies, results, cfg):
+        if needs_sampled_comparison(policies, results, cfg, pol.reference):
             _sampled_comparison(pol, policies, prompts, work, cfg, kl_t, rm, judge, results, progress, task)
         progress.update(task, info="done")
     if dist.is_distributed():
@@ -361,7 +259,7 @@ def _generate_all(pol: Policies, policies: list[str], work: _Batches, cfg, resul
     from rlchat.generation import decode_responses
 
     tok = pol.tokenizer
-    stop_ids = stop_token_ids(pol.sft_model, tok)
+    stop_ids = stop_token_ids(pol.ref_model, tok)
     gen = generation_config(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, tok.pad_token_id,
                             bos_id=tok.bos_token_id)
     for name in policies:
@@ -400,7 +298,7 @@ def _log_ratio_all(pol: Policies, policies: list[str], work: _Batches, results: 
 
 def _sample_config(pol: Policies, cfg, temperature: float):
     tok = pol.tokenizer
-    stop_ids = stop_token_ids(pol.sft_model, tok)
+    stop_ids = stop_token_ids(pol.ref_model, tok)
     return generation_config(cfg.max_new_tokens, temperature, 1.0, stop_ids, tok.pad_token_id,
                              bos_id=tok.bos_token_id), stop_ids
 
