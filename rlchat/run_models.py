@@ -22,7 +22,8 @@ each other).
   stage).
 - `load_ppo_policy(run, sft_model)`: the run's finished PPO policy (a LoRA adapter on the SFT-merged base, or a
   full model); `ppo_policy_dir`, `attach_ppo` are its parts; `stage=` loads another policy stage of the same layout
-  (grpo, rloo, dpo: outputs.policy, base, base_hash), `onto=` adds it by name to an already loaded PeftModel. `base_model_spec(run)`: the model SFT started from.
+  (grpo, rloo, dpo: outputs.policy, base, base_hash), `onto=` adds it by name to an already loaded PeftModel.
+  `base_model_spec(run)`: the model SFT started from.
 - `standalone_sft_dir(run)` / `adapter_base_name(run, model)`: the SFT policy as a plain model directory
   (RUN/sft/model, or RUN/sft/merged after LoRA SFT), which adapters trained on it name as their
   `base_model_name_or_path` (absolute), so stock peft loads them offline.

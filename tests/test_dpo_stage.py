@@ -194,3 +194,12 @@ def test_cli_dpo_from_sft_and_bad_input(sft_run, demo_data, tmp_path):
     assert entry["status"] == "done" and entry["parent"] == "sft" and entry["inputs"]["base"]["name"] == "sft"
     adapter_cfg = json.loads((sft_run / "dpo" / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str((sft_run / "sft" / "merged").resolve())
+
+    # the policy goes where the other policies go: export (merged, standalone) and chat
+    out = tmp_path / "exported"
+    res = runner.invoke(app, ["export", str(sft_run), str(out), "--stage", "dpo"])
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    res = runner.invoke(app, ["chat", str(sft_run), "--stage", "dpo", "--prompt", "Tell me about the red fox.",
+                              "--max-new-tokens", "8"])
+    assert res.exit_code == 0, res.output
