@@ -15,6 +15,7 @@ jobs); peak RSS. Per pair, DPO runs the policy forward + backward on chosen and 
 (adapter off) on both: 2 sequences of ~P+32 tokens, no generation.
 
     .venv/bin/python benchmarks/dpo_bench.py --repeats 2        # both modes, interleaved; table on stdout
+    .venv/bin/python benchmarks/dpo_bench.py --threads 1        # on a machine other jobs keep busy
 """
 from __future__ import annotations
 
@@ -105,10 +106,10 @@ def child_trl(info: dict, pairs: Path) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def child(mode: str, out_json: Path) -> None:
+def child(mode: str, out_json: Path, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(WORK["threads"])
+    torch.set_num_threads(threads)
     info = build_assets()
     pairs = RESULTS / "dpo-pairs.jsonl"
     step_s = (child_rlchat if mode == "rlchat" else child_trl)(info, pairs)
@@ -125,11 +126,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", default="rlchat,trl")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=WORK["threads"],
+                    help="torch threads per run (1 on a machine other jobs keep busy: 2 threads then stall)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, Path(a.out))
+        child(a.child, Path(a.out), a.threads)
         return
     info = build_assets()
     write_pairs(info)
@@ -138,8 +141,8 @@ def main() -> None:
         for mode in a.modes.split(","):
             out = RESULTS / f"dpo_{mode}_{rep}.json"
             load = Path("/proc/loadavg").read_text().split()[:3]
-            subprocess.run([sys.executable, __file__, "--child", mode, "--out", str(out)], check=True,
-                           capture_output=True)
+            subprocess.run([sys.executable, __file__, "--child", mode, "--out", str(out), "--threads",
+                            str(a.threads)], check=True, capture_output=True)
             res = json.loads(out.read_text())
             res.update(repeat=rep, load_before=" ".join(load), load_after=" ".join(
                 Path("/proc/loadavg").read_text().split()[:3]))

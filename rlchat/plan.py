@@ -117,7 +117,7 @@ def plan_stage(stage: str, cfg, base_model: str | None = None) -> dict:
             if stage == "ppo" and not cfg.full:  # two trainable adapters: policy and value
                 entry["params"]["trainable"] *= 2
                 entry["params"]["mode"] += " x2 (policy, value)"
-    for key in ("epochs", "max_steps", "lr", "batch_size", "episodes", "response_length", "kl_coef"):
+    for key in ("epochs", "max_steps", "lr", "batch_size", "episodes", "response_length", "kl_coef", "beta"):
         if hasattr(cfg, key):
             entry.setdefault("settings", {})[key] = getattr(cfg, key)
     return entry

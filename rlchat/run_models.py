@@ -20,10 +20,9 @@ each other).
   sequence-classification reward model (the only reward-model scorer: the reward stage, `rlchat score`, PPO's
   text reward models and eval all use it); `load_run_reward_scorer(run, ...)` is eval's (None without a reward
   stage).
-- `load_ppo_policy(run, sft_model)`: the run's finished PPO policy (a LoRA adapter on the SFT-merged base, or a
-  full model); `ppo_policy_dir`, `attach_ppo` are its parts; `stage=` loads another policy stage of the same layout
-  (grpo, rloo, dpo: outputs.policy, base, base_hash), `onto=` adds it by name to an already loaded PeftModel.
-  `base_model_spec(run)`: the model SFT started from.
+- `load_ppo_policy(run, sft_model)`: the run's finished PPO (`stage=`: grpo, rloo, dpo) policy, a LoRA adapter on
+  the SFT-merged base (`onto=`: added by name to a PeftModel) or a full model; `ppo_policy_dir`, `attach_ppo` are
+  its parts. `base_model_spec(run)`: the model SFT started from.
 - `standalone_sft_dir(run)` / `adapter_base_name(run, model)`: the SFT policy as a plain model directory
   (RUN/sft/model, or RUN/sft/merged after LoRA SFT), which adapters trained on it name as their
   `base_model_name_or_path` (absolute), so stock peft loads them offline.
@@ -452,9 +451,8 @@ def ppo_policy_dir(run, rec: dict, which: str = "policy", stage: str = "ppo") ->
 
 
 def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False, onto=None, name: str = "default"):
-    """(model, shared): the PPO policy. A LoRA adapter goes on top of the SFT-merged model (shared=True), as
-    adapter `name`; with `onto` (a PeftModel already on that model) it is loaded into it by that name; a full model
-    directory is loaded on its own (shared=False)."""
+    """(model, shared): the PPO policy. A LoRA adapter goes on the SFT-merged model (shared=True) as adapter `name`
+    (into `onto`, a PeftModel on it, when given); a full model directory is loaded on its own (shared=False)."""
     from rlchat import models
 
     if (policy_dir / "adapter_config.json").is_file():
@@ -478,8 +476,7 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False, ont
 
 def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy",
                     loaded_base: str | None = None, stage: str = "ppo", onto=None, name: str = "default"):
-    """(model, shared) of the run's finished PPO policy (see `attach_ppo`; `stage`: grpo, rloo, dpo the same way);
-    which="best": RUN/ppo/best.
+    """(model, shared) of the run's finished PPO (or `stage`) policy (see `attach_ppo`); which="best": RUN/ppo/best.
 
     PPO records the base its adapter sits on (outputs.base: "sft" or a --model spec, and base_hash). On "sft" the
     adapter goes on `sft_model`, after checking that the SFT weights are the ones PPO trained on; on another base,
