@@ -482,7 +482,8 @@ def _render(run, manifest: dict) -> dict:
             continue
         path = job(out_dir / f"{name}.png")
         if path is None:
-            skipped[name] = ("no scores in responses.jsonl" if stage == "eval"
+            skipped[name] = ("no scored comparison in report.json" if name == "win_rates"
+                             else "no scores in responses.jsonl" if stage == "eval"
                              else "no heldout/* rows in RUN/ppo/metrics.jsonl (ppo ran without --eval-every)"
                              if name == "ppo_overoptimisation" else f"no metrics in RUN/{stage}/metrics.jsonl")
         else:

@@ -207,7 +207,8 @@ def test_render_on_its_own_skips_missing_stages(tmp_path):
     _fake_stage(run, "sft", sft_rows)
     out = report.render(run.path)
     assert set(out["plots"]) == {"sft_loss"}
-    assert set(out["skipped"]) == {"reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution"}
+    assert set(out["skipped"]) == {"reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution",
+                                   "win_rates"}
     png = Path(out["plots"]["sft_loss"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = Path(out["report_md"]).read_text()
