@@ -118,6 +118,23 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, tiny_model, monkeypat
     assert steps == [1, 2, 3, 4]  # one uninterrupted run: the rows logged after checkpoint-2 were dropped once
 
 
+def test_full_weights_train_against_a_frozen_copy(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(16))
+    m = dpo.run(make_cfg(tmp_path / "run", path, model=str(tiny_model), full=True, eval_fraction=0, lr=1e-3))
+    entry = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["dpo"]
+    assert entry["outputs"]["kind"] == "full" and entry["outputs"]["policy"] == "dpo/model"
+    assert m["trainable_params"] == m["total_params"]
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "dpo" / "model"))
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    moved = [n for (n, p), q in zip(trained.named_parameters(), start.parameters()) if not torch.equal(p, q)]
+    assert moved  # the policy trained; its reference was the untouched start (TRL: loss log 2 at step 1)
+    first = next(r for r in read_jsonl(tmp_path / "run" / "dpo" / "metrics.jsonl") if "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
 @pytest.mark.parametrize("rows, match", [
     ([{"prompt": "a", "completion": "b"}] * 3, "no 'chosen' and 'rejected'"),
     ([{"text": "hello"}] * 3, "no 'chosen' and 'rejected'"),

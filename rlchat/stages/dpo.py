@@ -64,7 +64,8 @@ def run(cfg) -> dict:
         trainer = _trainer(cfg, begun, model, ref_model, tokenizer, sets)
         result, trainable, total = train(trainer, begun, STAGE, cfg)
         held_out = trainer.evaluate() if sets.eval_set is not None else {}
-        save_trained(trainer, begun.stage_dir / ("model" if cfg.full else "adapter"), full=cfg.full)
+        save_trained(trainer, begun.stage_dir / ("model" if cfg.full else "adapter"), full=cfg.full,
+                     tokenizer=tokenizer if cfg.full else None)  # a full model is a standalone directory
         if not begun.is_main:
             return {"rank": dist.rank(), "steps": trainer.state.global_step}
 
