@@ -162,6 +162,13 @@ STAGE_COMMANDS = {
         "PPO on one shared base model with LoRA adapters for policy, value and reward.",
         "rlchat ppo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512",
     ),
+    "dpo": (
+        "dpo",
+        "rlchat.stages.dpo",
+        "DPO on preference pairs with TRL's DPOTrainer: a LoRA policy from the run's SFT model, no reward model "
+        "(the reference is the SFT model: the adapter switched off).",
+        "rlchat dpo --run-dir runs/demo --dataset .demo/data/pairs.jsonl --beta 0.1",
+    ),
     "eval": (
         "eval",
         "rlchat.stages.evaluate",

@@ -32,7 +32,7 @@ from rlchat.errors import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 SEED_MAX = 2**32 - 1  # numpy's seed range
-EVAL_POLICIES = ("base", "sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best (ppo --eval-every)
+EVAL_POLICIES = ("base", "sft", "ppo", "ppo-best", "grpo", "rloo", "dpo")  # ppo-best: RUN/ppo/best (--eval-every)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # transformers' SchedulerType values that need no extra arguments (get_scheduler builds each from the warmup and
@@ -40,7 +40,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 # the command that runs each stage (for "see `rlchat train-reward --help`")
-STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval"}
+STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval", "dpo": "dpo"}
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # TRL DPOTrainer loss_type values offered
 
 
 def _f(default, help: str, **rules):
@@ -180,6 +181,23 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """DPO: the policy trained directly on chosen/rejected pairs (TRL's DPOTrainer); the reference is the starting
+    policy (with LoRA: the same model with the adapter off)."""
+
+    model: str | None = _like(TrainConfig, "model", help="starting policy (and reference): None = the run's SFT "
+                                                          "model; or a Hub id / local directory")
+    dataset: str | None = _like(RewardConfig, "dataset")
+    lr: float = _like(TrainConfig, "lr", 5e-5)
+    beta: float = _f(0.1, "DPO beta: weight of the implicit KL to the reference; higher keeps the policy closer to "
+                          "it (for ipo: the regularisation tau)", gt=0)
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the DPO paper), ipo, hinge (SLiC) or robust (with "
+                                   "label_smoothing as the flip rate)", choices=DPO_LOSSES)
+    label_smoothing: float = _f(0.0, "assumed fraction of pairs whose label is flipped (conservative / robust DPO); "
+                                     "0 = plain DPO", ge=0, lt=0.5)
+
+
+@dataclass
 class PPOConfig(RunConfig):
     """PPO on prompts, scored by the run's reward model and/or a reward function.
 
@@ -313,6 +331,8 @@ class EvalConfig(RunConfig):
                             "estimate its KL to the SFT policy, with a standard error", gt=0)
     policies: list[str] | None = _f(None, f"policies to compare, comma-separated from {', '.join(EVAL_POLICIES)}; "
                                           f"None = every one the run has", choices=EVAL_POLICIES)
+    pairwise: bool = _f(False, "also compare the trained policies (ppo, grpo, rloo, dpo, ...) with each other, every "
+                               "pair, besides each one with the reference")
 
 
 def _choices_text(values: list[int]) -> str:
@@ -321,7 +341,8 @@ def _choices_text(values: list[int]) -> str:
     return ", ".join(map(str, values[:-1])) + (" or " if len(values) > 1 else "") + str(values[-1])
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig,
+                                  "dpo": DPOConfig}
 
 
 # ---- resolve --------------------------------------------------------------------------------------------------

@@ -17,9 +17,22 @@ from rlchat.stats import distinct_n, mean_std, win_rate
 if TYPE_CHECKING:  # pragma: no cover
     from rlchat.prompts import Prompt
 
-REFERENCE_POLICY = "sft"  # the policy KL is measured against (PPO's reference)
-# (a, b) pairs compared, in this order, when both policies were evaluated: "a over b"
-COMPARISONS = (("ppo", "sft"), ("ppo-best", "sft"), ("ppo", "base"), ("sft", "base"))
+# the policy KL is measured against (PPO's reference); in a run without SFT it is the starting model, "base"
+REFERENCE_POLICY = "sft"
+
+
+def comparison_pairs(policies: list[str], reference: str = REFERENCE_POLICY, pairwise: bool = False
+                     ) -> list[tuple[str, str]]:
+    """The (a, b) pairs compared, "a over b", in this order: every trained policy over the reference; every policy
+    over base (when base is evaluated and is not the reference); with `pairwise`, every two trained policies (the
+    earlier in `policies` order first). The first pair is the report's headline."""
+    trained = [p for p in policies if p not in (reference, "base")]
+    pairs = [(p, reference) for p in trained if reference in policies]
+    if "base" in policies and reference != "base":
+        pairs += [(p, "base") for p in trained[:1] + [reference] + trained[1:] if p in policies]
+    if pairwise:
+        pairs += [(a, b) for i, a in enumerate(trained) for b in trained[i + 1:]]
+    return pairs
 
 
 @dataclass
@@ -27,7 +40,7 @@ class PolicyResult:
     responses: list[str] = field(default_factory=list)
     response_ids: list[list[int]] = field(default_factory=list)  # incl. the stop token
     eos: list[bool] = field(default_factory=list)
-    log_ratio: list[float] = field(default_factory=list)  # log pi(y|x) - log pi_sft(y|x) of the response above
+    log_ratio: list[float] = field(default_factory=list)  # log pi(y|x) - log pi_ref(y|x) of the response above
     reward: list[float | None] = field(default_factory=list)
     judge: list[float | None] = field(default_factory=list)
     kl_k1: list[list[float]] = field(default_factory=list)  # per prompt: k1 of each KL sample
@@ -47,7 +60,7 @@ def identical_fraction(a: list[str], b: list[str]) -> float | None:
 SAME_ANSWERS = 0.5  # above this fraction of identical greedy answers, a sampled comparison is added
 
 
-def needs_sampled_comparison(policies: list[str], results: dict, cfg) -> bool:
+def needs_sampled_comparison(policies: list[str], results: dict, cfg, reference: str = REFERENCE_POLICY) -> bool:
     """True under greedy decoding when, for some compared pair, more than SAME_ANSWERS of the answers are
     identical (counted over all processes, so that every process decides the same)."""
     if cfg.temperature > 0:
@@ -57,10 +70,9 @@ def needs_sampled_comparison(policies: list[str], results: dict, cfg) -> bool:
     from rlchat import dist
 
     counts = []
-    for a, b in COMPARISONS:
-        if a in policies and b in policies:
-            ra, rb = results[a].responses, results[b].responses
-            counts += [sum(x == y for x, y in zip(ra, rb)), len(ra)]
+    for a, b in comparison_pairs(policies, reference, getattr(cfg, "pairwise", False)):
+        ra, rb = results[a].responses, results[b].responses
+        counts += [sum(x == y for x, y in zip(ra, rb)), len(ra)]
     if not counts:
         return False
     counts = dist.all_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
@@ -146,14 +158,13 @@ def _win_rates(ra: PolicyResult, rb: PolicyResult, fields: tuple[str, str]) -> d
     return row
 
 
-def comparisons(policies: list[str], results: dict, kl_t: float = 1.0) -> list[dict]:
+def comparisons(policies: list[str], results: dict, kl_t: float = 1.0, reference: str = REFERENCE_POLICY,
+                pairwise: bool = False) -> list[dict]:
     """Win rates of each compared pair on the evaluated responses; `identical` = the fraction of prompts where
     both answered the same text; `sampled` = win rates on one sample per prompt at temperature kl_t, when the
     sampled comparison ran (most greedy answers identical), else None."""
     out = []
-    for a, b in COMPARISONS:
-        if a not in policies or b not in policies:
-            continue
+    for a, b in comparison_pairs(policies, reference, pairwise):
         ra, rb = results[a], results[b]
         row = {"a": a, "b": b, "n": len(ra.responses), **_win_rates(ra, rb, ("reward", "judge")),
                "identical": identical_fraction(ra.responses, rb.responses), "sampled": None}
@@ -181,7 +192,7 @@ def kl_text(m: dict) -> str:
     return f"KL {kl:.2f}{se_text} nats"
 
 
-def summary_line(policies: dict, comps: list[dict]) -> str:
+def summary_line(policies: dict, comps: list[dict], reference: str = REFERENCE_POLICY) -> str:
     """E.g. "ppo beats sft 0.81 [0.72, 0.88] by judge, 0.77 [0.68, 0.84] by reward model; KL 3.2 nats"."""
     if not comps:
         name = next(iter(policies))
@@ -205,9 +216,15 @@ def summary_line(policies: dict, comps: list[dict]) -> str:
         if primary == "judge" and c["win_rate_reward"] is not None:
             lo, hi = c["ci_reward"]
             text += f", {c['win_rate_reward']:.2f} [{lo:.2f}, {hi:.2f}] by reward model"
-    if c["a"] != REFERENCE_POLICY and policies[c["a"]]["kl_to_ref"] is not None:
+    if c["a"] != reference and policies[c["a"]]["kl_to_ref"] is not None:
         text += "; " + kl_text(policies[c["a"]])
     text += f" ({c['n']} prompts)"
+    for other in comps[1:]:  # every other trained policy against the reference, briefly
+        if other["b"] == reference and other[f"win_rate_{primary}"] is not None:
+            lo, hi = other[f"ci_{primary}"]
+            text += f"; {other['a']} over {reference} {other[f'win_rate_{primary}']:.2f} [{lo:.2f}, {hi:.2f}]"
+            if policies[other["a"]]["kl_to_ref"] is not None:
+                text += ", " + kl_text(policies[other["a"]])
     if c.get("identical") is not None and c["identical"] > SAME_ANSWERS:
         text += f"; {c['identical']:.0%} of the answers are identical"
         sampled = c.get("sampled")
@@ -220,9 +237,9 @@ def summary_line(policies: dict, comps: list[dict]) -> str:
 
 
 def build_report(run, cfg, policies: list[str], prompts: list[Prompt], results: dict, dataset_spec: str,
-                 has_rm: bool, kl_t: float = 1.0) -> dict:
+                 has_rm: bool, kl_t: float = 1.0, reference: str = REFERENCE_POLICY) -> dict:
     per_policy = {name: policy_metrics(results[name]) for name in policies}
-    comps = comparisons(policies, results, kl_t)
+    comps = comparisons(policies, results, kl_t, reference, bool(getattr(cfg, "pairwise", False)))
     settings = {
         "dataset": dataset_spec,
         "split": cfg.split,
@@ -234,31 +251,32 @@ def build_report(run, cfg, policies: list[str], prompts: list[Prompt], results: 
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "policies": policies,
-        "reference": REFERENCE_POLICY,
+        "reference": reference,
         "reward_model": "reward" if has_rm else None,
         "judge": cfg.judge,
         "ci": "wilson95",
-        "kl": f"k1: sum_t log pi_T(y_t|x,y<t) - log pi_sft,T(y_t|x,y<t) on {cfg.kl_samples} samples per prompt "
+        "kl": f"k1: sum_t log pi_T(y_t|x,y<t) - log pi_{reference},T(y_t|x,y<t) on {cfg.kl_samples} samples per prompt "
               f"drawn from the policy at the PPO sampling temperature T={kl_t:g} (top_p 1), averaged per prompt, "
               f"then over prompts; ± is the standard error over prompts; k3 (sum_t exp(-r_t) - 1 + r_t, "
               f"non-negative) alongside; independent of the decoding above",
         "kl_temperature": kl_t,
         "kl_samples_per_prompt": cfg.kl_samples,
         "kl_estimator": "k1 (k3 alongside)",
-        "log_ratio": "mean over prompts of log pi(y|x) - log pi_sft(y|x) on the evaluated responses at temperature "
-                     "1; not a KL (negative when the answers are likelier under sft)",
+        "log_ratio": f"mean over prompts of log pi(y|x) - log pi_{reference}(y|x) on the evaluated responses at "
+                     f"temperature 1; not a KL (negative when the answers are likelier under {reference})",
         "identical": f"fraction of prompts with the same answer text; above {SAME_ANSWERS:g} under greedy decoding "
                      f"a sampled comparison (one sample per prompt at T={kl_t:g}, top_p 1) is added",
         "length": "response tokens, EOS included",
         "distinct": "unique / total whitespace-word n-grams over all responses",
     }
     return {"run_dir": str(run.path), "settings": settings, "policies": per_policy, "comparisons": comps,
-            "summary": summary_line(per_policy, comps)}
+            "summary": summary_line(per_policy, comps, reference)}
 
 
 def headline_metrics(report: dict) -> dict:
     """The manifest's eval metrics: the first comparison's win rates, the KL and mean scores per policy."""
     m: dict = {"n": report["settings"]["n_prompts"]}
+    reference = report["settings"].get("reference", REFERENCE_POLICY)
     comps = report["comparisons"]
     if comps:
         c = comps[0]
@@ -270,9 +288,12 @@ def headline_metrics(report: dict) -> dict:
         if c["sampled"]:
             m["sampled_win_rate_judge"] = c["sampled"]["win_rate_judge"]
             m["sampled_win_rate_reward"] = c["sampled"]["win_rate_reward"]
+    for c in comps:  # each policy over the reference (the primary score: judge, else reward model)
+        if c["b"] == reference:
+            m[f"{c['a']}/win_rate"] = c["win_rate_judge"] if c["win_rate_judge"] is not None else c["win_rate_reward"]
     for name, p in report["policies"].items():
         for key in ("mean_reward", "mean_judge", "kl_to_ref", "kl_to_ref_se", "mean_length"):
-            if p[key] is not None and not (key.startswith("kl_to_ref") and name == REFERENCE_POLICY):
+            if p[key] is not None and not (key.startswith("kl_to_ref") and name == reference):
                 m[f"{name}/{key}"] = p[key]
     return m
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rlchat.errors import RlchatError, RunDirError
 
-EXPORT_STAGES = ("sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
+EXPORT_STAGES = ("sft", "ppo", "ppo-best", "dpo")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
 CHAT_COMMANDS = "/help lists the commands, /reset starts a new conversation, /exit (or Ctrl-D) quits"
 
 
@@ -62,8 +62,9 @@ def load_policy(run_dir, stage: str = "ppo", merge: bool = True, trust_remote_co
 
     run = check_stage(run_dir, stage)
     model, tokenizer = load_sft_policy(run.path, trust_remote_code=trust_remote_code)
-    if stage in ("ppo", "ppo-best"):
-        model, shared = load_ppo_policy(run, model, trust_remote_code, "best" if stage == "ppo-best" else "policy")
+    if stage != "sft":  # a policy stage: its adapter (or full model) as the run's manifest records it
+        model, shared = load_ppo_policy(run, model, trust_remote_code, "best" if stage == "ppo-best" else "policy",
+                                        stage="ppo" if stage == "ppo-best" else stage)
         if shared and merge:
             model = model.merge_and_unload()
     model.eval()

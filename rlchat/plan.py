@@ -31,7 +31,7 @@ KNOWN_CONFIGS = {
                                     vocab_size=128256, tie_word_embeddings=True, head_dim=64),
 }
 
-STAGE_SECTIONS = ("sft", "reward", "ppo", "eval")
+STAGE_SECTIONS = ("sft", "reward", "ppo", "dpo", "eval")
 
 
 def _model_config(spec: str, trust_remote_code: bool = False):
@@ -92,7 +92,7 @@ def _dataset_check(stage: str, spec: str | None, cfg) -> dict:
     ds = data.load_any(spec, split=cfg.split, config=getattr(cfg, "dataset_config", None))
     if stage == "sft":
         fmt = data.detect_sft_format(ds)
-    elif stage == "reward":
+    elif stage in ("reward", "dpo"):
         fmt = data.detect_preference_format(ds)
     else:
         fmt = data.detect_prompt_column(ds)
@@ -117,7 +117,7 @@ def plan_stage(stage: str, cfg, base_model: str | None = None) -> dict:
             if stage == "ppo" and not cfg.full:  # two trainable adapters: policy and value
                 entry["params"]["trainable"] *= 2
                 entry["params"]["mode"] += " x2 (policy, value)"
-    for key in ("epochs", "max_steps", "lr", "batch_size", "episodes", "response_length", "kl_coef"):
+    for key in ("epochs", "max_steps", "lr", "batch_size", "episodes", "response_length", "kl_coef", "beta"):
         if hasattr(cfg, key):
             entry.setdefault("settings", {})[key] = getattr(cfg, key)
     return entry

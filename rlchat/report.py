@@ -8,6 +8,7 @@
     ppo_overoptimisation.png  held-out proxy (reward-model) score and judge score against sqrt(KL), the
                             over-optimisation curve of Gao et al. 2022 (heldout/* rows of ppo --eval-every)
     score_distribution.png  histograms of each policy's eval scores            (RUN/eval/responses.jsonl)
+    win_rates.png           each comparison's win rate and 95% interval        (RUN/eval/report.json)
     report.md               stage table, eval tables (when RUN/eval/report.json exists), the plots, samples
 
 A plot whose input is missing is skipped (listed under "skipped" in the returned dict). It works on its own, on a
@@ -26,8 +27,9 @@ from pathlib import Path
 
 from rlchat.errors import RunDirError
 
-PLOTS = ("sft_loss", "reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution")
-POLICY_COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "ppo": "#d62728"}
+PLOTS = ("sft_loss", "reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution", "win_rates")
+POLICY_COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "ppo": "#d62728", "ppo-best": "#ff7f0e", "grpo": "#2ca02c",
+                 "rloo": "#9467bd", "dpo": "#8c564b"}
 SAMPLES_IN_REPORT = 4
 
 
@@ -210,7 +212,7 @@ def plot_ppo(rows: list[dict], path: Path) -> Path | None:
                   (reward, "reward (score - KL penalty)", "#9467bd", True)],
            "PPO: score and reward per response", "score (PPO score units)", "score")
     _panel(ax_k, [(kl, "KL(policy || reference)", "#d62728", True)],
-           "PPO: KL to the reference (SFT) policy", "KL per response (nats)", "KL")
+           "PPO: KL to the reference policy (SFT, or the starting model)", "KL per response (nats)", "KL")
     _panel(ax_l, [(length, "mean response length", "#8c564b", True)],
            "PPO: response length", "length (tokens)", "response length")
     _panel(ax_v, [(vloss, "value loss", "#17becf", True)],
@@ -386,8 +388,8 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
 
     if report:
         out += ["## Policies", "",
-                "| policy | reward model (mean ± std) | judge (mean ± std) | KL to sft, k1 ± SE (nats) | k3 ± SE "
-                "| length (tokens) | EOS rate | distinct-1 | distinct-2 | n |",
+                f"| policy | reward model (mean ± std) | judge (mean ± std) | KL to {s.get('reference', 'sft')}, "
+                "k1 ± SE (nats) | k3 ± SE | length (tokens) | EOS rate | distinct-1 | distinct-2 | n |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in report.get("policies", {}).items():
             rm = "–" if m.get("mean_reward") is None else f"{m['mean_reward']:.3f} ± {m['std_reward']:.3f}"
@@ -401,7 +403,7 @@ def markdown(run, manifest: dict, report: dict | None, responses: list[dict], pl
 
     titles = {"sft_loss": "SFT loss", "reward_training": "Reward model training", "ppo_training": "PPO training",
               "ppo_overoptimisation": "PPO over-optimisation (held-out proxy vs judge against KL)",
-              "score_distribution": "Eval score distribution"}
+              "score_distribution": "Eval score distribution", "win_rates": "Eval win rates"}
     if plots:
         out += ["## Plots", ""]
         for key in PLOTS:
@@ -461,6 +463,7 @@ def _render(run, manifest: dict) -> dict:
             raise RunDirError(f"{out_dir / 'report.json'} is not valid JSON: {err}",
                               f"rerun `rlchat eval --run-dir {run.path} --overwrite`") from None
     responses = read_jsonl(out_dir / "responses.jsonl")
+    from rlchat.eval_plots import plot_win_rates
 
     plots: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -470,6 +473,7 @@ def _render(run, manifest: dict) -> dict:
         ("ppo_training", "ppo", lambda p: plot_ppo(stage_metrics(run, "ppo"), p)),
         ("ppo_overoptimisation", "ppo", lambda p: plot_overoptimisation(stage_metrics(run, "ppo"), p)),
         ("score_distribution", "eval", lambda p: plot_scores(responses, p)),
+        ("win_rates", "eval", lambda p: plot_win_rates(report, p)),
     )
     stages = manifest.get("stages", {})
     for name, stage, job in jobs:
@@ -478,7 +482,8 @@ def _render(run, manifest: dict) -> dict:
             continue
         path = job(out_dir / f"{name}.png")
         if path is None:
-            skipped[name] = ("no scores in responses.jsonl" if stage == "eval"
+            skipped[name] = ("no scored comparison in report.json" if name == "win_rates"
+                             else "no scores in responses.jsonl" if stage == "eval"
                              else "no heldout/* rows in RUN/ppo/metrics.jsonl (ppo ran without --eval-every)"
                              if name == "ppo_overoptimisation" else f"no metrics in RUN/{stage}/metrics.jsonl")
         else:

@@ -20,8 +20,9 @@ each other).
   sequence-classification reward model (the only reward-model scorer: the reward stage, `rlchat score`, PPO's
   text reward models and eval all use it); `load_run_reward_scorer(run, ...)` is eval's (None without a reward
   stage).
-- `load_ppo_policy(run, sft_model)`: the run's finished PPO policy (a LoRA adapter on the SFT-merged base, or a
-  full model); `ppo_policy_dir`, `attach_ppo` are its parts. `base_model_spec(run)`: the model SFT started from.
+- `load_ppo_policy(run, sft_model)`: the run's finished PPO (`stage=`: grpo, rloo, dpo) policy, a LoRA adapter on
+  the SFT-merged base (`onto=`: added by name to a PeftModel) or a full model; `ppo_policy_dir`, `attach_ppo` are
+  its parts. `base_model_spec(run)`: the model SFT started from.
 - `standalone_sft_dir(run)` / `adapter_base_name(run, model)`: the SFT policy as a plain model directory
   (RUN/sft/model, or RUN/sft/merged after LoRA SFT), which adapters trained on it name as their
   `base_model_name_or_path` (absolute), so stock peft loads them offline.
@@ -187,6 +188,17 @@ def load_base_causal(run, base: Base, trust_remote_code: bool = False):
     model = models.load_causal_lm(base.name, trust_remote_code=trust_remote_code)
     models.align_model_with_tokenizer(model, tokenizer)
     return model, tokenizer
+
+
+def starting_model(run) -> str | None:
+    """In a run without an SFT stage: the --model that the finished ppo (else reward) stage started from, as its
+    outputs record it (`base`), or None when neither stage did."""
+    for stage in ("ppo", "grpo", "rloo", "dpo", "reward"):
+        rec = run.record(stage) or {}
+        base = (rec.get("outputs") or {}).get("base")
+        if rec.get("status") == "done" and base and base != "sft":
+            return base
+    return None
 
 
 def base_model_spec(run) -> str:
@@ -423,25 +435,25 @@ def load_run_reward_scorer(run, batch_size: int, device: str | None = None, trus
 # ------------------------------------------------------------------------------------------- the PPO policy
 
 
-def ppo_policy_dir(run, rec: dict, which: str = "policy") -> Path:
-    """RUN/ppo/policy (or what the manifest's outputs.policy says), checked to hold an adapter or a model;
+def ppo_policy_dir(run, rec: dict, which: str = "policy", stage: str = "ppo") -> Path:
+    """RUN/<stage>/policy (or what the manifest's outputs.policy says), checked to hold an adapter or a model;
     which="best": RUN/ppo/best, the best policy by held-out score (ppo --eval-every)."""
     outputs = rec.get("outputs") or {}
     if which == "best" and not outputs.get("best"):
         raise RunDirError(f"the ppo stage in {run.path} kept no best policy (it ran without --eval-every)",
                           f"rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`, or use the final "
                           "policy (ppo)")
-    rel = outputs.get(which) or f"ppo/{which}"
+    rel = outputs.get(which) or f"{stage}/{which}"
     path = run.resolve_inside(rel)
     if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise RunDirError(f"the PPO policy {path} has no adapter_config.json or config.json",
-                          f"rerun `rlchat ppo --run-dir {run.path} --overwrite`")
+        raise RunDirError(f"the {stage} policy {path} has no adapter_config.json or config.json",
+                          f"rerun the {stage} stage of {run.path} with --overwrite")
     return path
 
 
-def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
-    """(model, shared): the PPO policy. A LoRA adapter goes on top of the SFT-merged model (shared=True);
-    a full model directory is loaded on its own (shared=False)."""
+def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False, onto=None, name: str = "default"):
+    """(model, shared): the PPO policy. A LoRA adapter goes on the SFT-merged model (shared=True) as adapter `name`
+    (into `onto`, a PeftModel on it, when given); a full model directory is loaded on its own (shared=False)."""
     from rlchat import models
 
     if (policy_dir / "adapter_config.json").is_file():
@@ -450,10 +462,12 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
         models.check_weights(policy_dir, "rerun ppo for this run directory with --overwrite; a finished stage keeps "
                                          "no resumable state")
         try:
-            model = PeftModel.from_pretrained(sft_model, str(policy_dir))
+            if onto is not None:
+                onto.load_adapter(str(policy_dir), adapter_name=name)
+            model = onto or PeftModel.from_pretrained(sft_model, str(policy_dir), adapter_name=name)
         except Exception as err:  # noqa: BLE001
-            raise RunDirError(f"could not apply the PPO adapter {policy_dir} to the SFT model: {first_line(err)}",
-                              "rerun ppo for this run directory with --overwrite") from None
+            raise RunDirError(f"could not apply the adapter {policy_dir} to the SFT model: {first_line(err)}",
+                              "rerun that stage for this run directory with --overwrite") from None
         model.eval()
         return model, True
     model = models.load_causal_lm(str(policy_dir), trust_remote_code=trust_remote_code)
@@ -461,28 +475,30 @@ def attach_ppo(sft_model, policy_dir: Path, trust_remote_code: bool = False):
     return model, False
 
 
-def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy"):
-    """(model, shared) of the run's finished PPO policy (see `attach_ppo`); which="best": RUN/ppo/best.
+def load_ppo_policy(run, sft_model, trust_remote_code: bool = False, which: str = "policy",
+                    loaded_base: str | None = None, stage: str = "ppo", onto=None, name: str = "default"):
+    """(model, shared) of the run's finished PPO (or `stage`) policy (see `attach_ppo`); which="best": RUN/ppo/best.
 
     PPO records the base its adapter sits on (outputs.base: "sft" or a --model spec, and base_hash). On "sft" the
     adapter goes on `sft_model`, after checking that the SFT weights are the ones PPO trained on; on another base,
-    that model is loaded and the adapter goes on it (a second model in memory).
+    that model is loaded and the adapter goes on it (a second model in memory), unless `sft_model` already is that
+    base (`loaded_base`: its spec; eval of a run without SFT).
     """
-    rec = run.record("ppo") or {}
+    rec = run.record(stage) or {}
     outputs = rec.get("outputs") or {}
-    policy_dir = ppo_policy_dir(run, rec, which)
+    policy_dir = ppo_policy_dir(run, rec, which, stage)
     if not (policy_dir / "adapter_config.json").is_file():  # a full model (--full): no base needed
         return attach_ppo(sft_model, policy_dir, trust_remote_code)
-    name = outputs.get("base") or "sft"
-    base = resolve_base(run, None if name == "sft" else name)
+    base_name = outputs.get("base") or "sft"
+    base = resolve_base(run, None if base_name == "sft" else base_name)
     recorded = outputs.get("base_hash")
     if recorded and base.hash and base.hash != recorded:
-        what = "the run's SFT model" if name == "sft" else f"the model at {name}"
-        raise ModelError(f"the PPO adapter in {policy_dir} was trained on a different version of {what} "
+        what = "the run's SFT model" if base_name == "sft" else f"the model at {base_name}"
+        raise ModelError(f"the {stage} adapter in {policy_dir} was trained on a different version of {what} "
                          f"(hash {recorded[:19]}..., now {base.hash[:19]}...)",
-                         f"rerun ppo: rlchat ppo --run-dir {run.path} --overwrite")
-    if name == "sft":
-        return attach_ppo(sft_model, policy_dir, trust_remote_code)
+                         f"rerun the {stage} stage: its command with --run-dir {run.path} --overwrite")
+    if base_name == "sft" or base_name == loaded_base:
+        return attach_ppo(sft_model, policy_dir, trust_remote_code, onto, name)
     other, _ = load_base_causal(run, base, trust_remote_code)
     model, _ = attach_ppo(other, policy_dir, trust_remote_code)
     return model, False

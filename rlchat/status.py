@@ -11,6 +11,7 @@ KEY_METRICS = {
     "sft": ("eval_loss", "eval/loss", "train_loss", "loss"),
     "reward": ("eval_accuracy", "eval/accuracy", "accuracy", "eval_loss"),
     "ppo": ("score/mean", "scores/mean", "reward/mean", "mean_score", "mean_reward", "score", "reward"),
+    "dpo": ("eval_accuracy", "eval_rewards/accuracies", "eval_loss", "train_loss"),
     "eval": ("win_rate", "eval/win_rate", "ppo/win_rate", "win_rate/ppo"),
 }
 

@@ -51,3 +51,18 @@ def snapshot(path: Path) -> dict[str, str]:
         elif p.is_dir():
             out[str(p.relative_to(path)) + "/"] = "dir"
     return out
+
+
+def interrupt_trainer_at(monkeypatch, step: int) -> None:
+    """Ctrl-C in the middle of a Trainer stage: rlchat's progress callback raises KeyboardInterrupt once optimizer
+    step `step` is done (after the checkpoints due by then). `monkeypatch.undo()` lets the rerun finish."""
+    from rlchat.progress import TrainerProgress
+
+    original = TrainerProgress.on_step_end
+
+    def interrupted(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainerProgress, "on_step_end", interrupted)

@@ -167,7 +167,7 @@ def test_validate_directly():
     assert PPOConfig(run_dir="r", top_p=0.0, gamma=1.5).validate() == [
         "top_p must be in (0, 1], got 0", "gamma must be in [0, 1], got 1.5"]
     assert EvalConfig(run_dir="r", policies=["sft", "ppoo"]).validate() == [
-        "policies must be one of base, sft, ppo, ppo-best, got 'ppoo' (did you mean 'ppo'?)"]
+        "policies must be one of base, sft, ppo, ppo-best, grpo, rloo, dpo, got 'ppoo' (did you mean 'ppo'?)"]
 
 
 def test_ppo_batch_divisibility():

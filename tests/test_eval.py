@@ -207,7 +207,8 @@ def test_render_on_its_own_skips_missing_stages(tmp_path):
     _fake_stage(run, "sft", sft_rows)
     out = report.render(run.path)
     assert set(out["plots"]) == {"sft_loss"}
-    assert set(out["skipped"]) == {"reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution"}
+    assert set(out["skipped"]) == {"reward_training", "ppo_training", "ppo_overoptimisation", "score_distribution",
+                                   "win_rates"}
     png = Path(out["plots"]["sft_loss"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = Path(out["report_md"]).read_text()
@@ -391,28 +392,34 @@ def _own_logprob_sum(model, prompt_ids: list[int], response_ids: list[int]) -> f
     return sum(logp[P - 1 + t, tok].item() for t, tok in enumerate(response_ids))
 
 
+def greedy_response(model, tok, messages: list[dict], max_new: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy response ids up to and including EOS) of one prompt, unbatched and unpadded: the
+    reference the batched eval generation is checked against."""
+    import torch
+
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    response = out[0, len(prompt_ids):].tolist()
+    if tok.eos_token_id in response:
+        response = response[:response.index(tok.eos_token_id) + 1]
+    return prompt_ids, response
+
+
 @pytest.mark.slow
 def test_kl_and_greedy_responses_recomputed_with_own_forward_passes(evaluated):
     """Separately loaded models (PPO merged into the weights, SFT on its own), one prompt at a time, no padding:
     the greedy response must equal the batched one in responses.jsonl and the log-ratio sum its `log_ratio`."""
-    import torch
-
     from rlchat import run_models
     from rlchat.export import load_policy
 
     run, rows = evaluated["run"], evaluated["rows"]
     ppo, tok = load_policy(run, "ppo", merge=True)
     sft, _ = run_models.load_sft_policy(run)
-    eos = tok.eos_token_id
     for row in rows[:3]:
-        text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            out = ppo.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                               eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        response = out[0, len(prompt_ids):].tolist()
-        if eos in response:
-            response = response[:response.index(eos) + 1]
+        prompt_ids, response = greedy_response(ppo, tok, row["messages"], MAX_NEW)
         stored = row["policies"]["ppo"]
         assert tok.decode(response, skip_special_tokens=True).strip() == stored["response"]
         assert len(response) == stored["length"]
@@ -590,6 +597,48 @@ def test_sampling_eval_on_an_sft_only_run(trained_run):
     assert rep["policies"]["sft"]["mean_reward"] is None and rep["policies"]["sft"]["mean_judge"] is None
     assert (run / "eval" / "sft_loss.png").exists() and not (run / "eval" / "ppo_training.png").exists()
     assert json.loads((run / "run.json").read_text())["stages"]["eval"]["parent"] == "sft"
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_without_sft_compares_ppo_with_the_starting_model(tiny_model, demo_data, tmp_path):
+    """train-reward and ppo started from --model (no sft stage): eval calls that model `base`, measures KL to it
+    (base's own is 0), compares ppo with it, and records it as an input. base's answers are the plain model's
+    (the PPO adapter it shares memory with is off), recomputed here from a separately loaded copy."""
+    from rlchat.generation import (decode_responses, encode_prompt, generate, generation_config, prompt_limit,
+                                   stop_token_ids)
+    from rlchat.models import load_causal_lm, load_tokenizer
+
+    run = tmp_path / "run"
+    res = invoke("train-reward", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["pairs"],
+                 "--max-steps", 4, "--batch-size", 8, "--eval-fraction", "0.02")
+    assert res.exit_code == 0, res.output
+    res = invoke("ppo", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["prompts"], "--episodes", 8,
+                 "--batch-size", 4, "--response-length", 8)
+    assert res.exit_code == 0, res.output
+    before = snapshot(run)
+    res = invoke("eval", "--run-dir", run, "--dataset", demo_data["eval_prompts"], "--max-prompts", 4,
+                 "--policies", "sft,ppo")
+    assert res.exit_code == 2 and "no sft stage" in res.output and snapshot(run) == before, res.output
+    res = invoke("eval", "--run-dir", run, "--dataset", demo_data["eval_prompts"], "--judge", JUDGE,
+                 "--max-prompts", 4, "--max-new-tokens", 8, "--batch-size", 2, "--kl-samples", 2)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert rep["settings"]["reference"] == "base" and list(rep["policies"]) == ["base", "ppo"]
+    assert [(c["a"], c["b"]) for c in rep["comparisons"]] == [("ppo", "base")]
+    assert rep["policies"]["base"]["kl_to_ref"] == 0.0 and rep["policies"]["ppo"]["kl_to_ref"] is not None
+    assert "pi_base" in rep["settings"]["kl"] and rep["summary"].startswith("ppo ")
+    entry = json.loads((run / "run.json").read_text())["stages"]["eval"]
+    assert entry["parent"] == "ppo" and entry["inputs"]["base"]["spec"] == str(tiny_model)
+    assert "KL to base" in (run / "eval" / "report.md").read_text()
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_causal_lm(str(tiny_model)).eval()
+    stop_ids = stop_token_ids(model, tok)
+    gen = generation_config(8, 0.0, 1.0, stop_ids, tok.pad_token_id, bos_id=tok.bos_token_id)
+    rows = read_jsonl(run / "eval" / "responses.jsonl")
+    for row in rows:
+        resp, _ = generate(model, tok, [encode_prompt(tok, row["messages"], prompt_limit(model, 8))], gen, stop_ids)
+        assert row["policies"]["base"]["response"] == decode_responses(tok, resp, stop_ids)[0].strip()
 
 
 # ------------------------------------------------------------------------------------------- export, chat

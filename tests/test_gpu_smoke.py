@@ -13,9 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-# import-gguf, train-reward and ppo (started from --model, no SFT stage) pass; eval then refuses a run without an
-# sft stage until E's no-SFT eval (`ppo` against `base`) is merged
-@pytest.mark.skip(reason="needs no-SFT eval (issue 13 part E)")
 def test_gpu_smoke_script_on_cpu(tiny_model, tmp_path):
     from tests.gguf_writer import write_llama_gguf
 

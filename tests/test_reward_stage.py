@@ -25,7 +25,7 @@ from rlchat.run_models import (Base, RewardScorer, check_reward_base, load_base_
                                reward_input_ids)
 from rlchat.score import score
 from rlchat.stages import reward
-from tests.conftest import snapshot
+from tests.conftest import interrupt_trainer_at, snapshot
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
 THINGS = ("fox", "apple", "boat", "bird", "cat", "car", "house", "kite", "ball", "cup", "hat", "fish")
@@ -313,21 +313,12 @@ def test_full_weights_save_and_reload(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_model, monkeypatch):
-    from rlchat.progress import TrainerProgress
-
     path = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(40))
     cfg = make_cfg(tmp_path / "run", path, model=str(tiny_model), max_steps=4, save_steps=2, eval_fraction=0)
-    original = TrainerProgress.on_step_end
-
-    def killed_after_step_3(self, args, state, control, **kwargs):
-        original(self, args, state, control, **kwargs)
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainerProgress, "on_step_end", killed_after_step_3)
+    interrupt_trainer_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         reward.run(cfg)
-    monkeypatch.setattr(TrainerProgress, "on_step_end", original)
+    monkeypatch.undo()
     entry = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["reward"]
     assert entry["status"] == "interrupted"
     assert (tmp_path / "run" / "reward" / "checkpoints" / "checkpoint-2").is_dir()

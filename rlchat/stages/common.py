@@ -40,8 +40,10 @@ OOM_KNOBS = {
     "ppo": "lower --batch-size or split it with --mini-batches / --grad-accum, lower --response-length or "
            "--max-prompt-length, or pass --gradient-checkpointing",
     "eval": "lower --batch-size or --max-new-tokens",
+    "dpo": "lower --batch-size (raise --grad-accum to keep the effective batch), lower --max-length, or pass "
+           "--gradient-checkpointing",
 }
-RESUMABLE = ("sft", "reward", "ppo")  # stages that keep checkpoints
+RESUMABLE = ("sft", "reward", "ppo", "dpo")  # stages that keep checkpoints
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 

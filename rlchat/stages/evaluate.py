@@ -1,15 +1,19 @@
 """`rlchat eval`: generate with every policy of a run on held-out prompts, score, compare, write the report.
 
 What it does, in order:
-  1. validate: the run has a trained policy (a finished `sft` stage; `ppo` is used when it finished), the eval stage
-     may start (a finished one needs --overwrite), the prompts load and are not empty, the judge imports and
+  1. validate: the run has a trained policy (a finished `sft` stage; every finished policy stage, ppo, grpo, rloo,
+     dpo, is compared with it: rlchat/eval_policies.py finds them) or, in a run
+     with no `sft` stage, a starting model (the --model that the finished ppo, else train-reward, stage started
+     from, recorded in its outputs): it is evaluated as `base`, the reference for KL, and ppo is compared against
+     it. The eval stage may start (a finished one needs --overwrite), the prompts load and are not empty, the judge imports and
      returns one finite number per response (called once on two prompts), the models and the reward model load.
      Nothing is written to the run directory before all of this passed.
   2. generate: every policy answers every prompt with the same decoding settings (greedy by default; sampling when
-     --temperature > 0, with --top-p), batched with left padding. The SFT and PPO policies share one model in
-     memory: the SFT-merged base with the PPO LoRA adapter on top, switched off for SFT. `--include-base` loads
+     --temperature > 0, with --top-p), batched with left padding. The SFT policy and every LoRA policy trained on it
+     share one model in memory: the SFT-merged base with each stage's adapter loaded by name (one switched on at
+     a time), all switched off for SFT. `--include-base` loads
      the base checkpoint a second time (the first copy has the SFT adapter merged into its weights).
-  3. KL to the reference policy (the SFT policy, PPO's reference), always on SAMPLES, whatever decoding the win
+  3. KL to the reference policy (PPO's reference: the SFT policy, or `base` in a run without SFT), always on SAMPLES, whatever decoding the win
      rates use: every other policy draws --kl-samples responses per prompt at the PPO stage's sampling temperature
      T (its manifest config; 1.0 without a PPO stage; top_p 1), and for each sample y
      k1 = sum_t [log pi_T(y_t | x, y_<t) - log pi_ref,T(y_t | x, y_<t)] (EOS included). Its mean estimates
@@ -17,13 +21,14 @@ What it does, in order:
      samples of one prompt are averaged first). A negative mean is noise and is reported as such, never clipped;
      the k3 estimate (sum_t exp(-r_t) - 1 + r_t, r_t the token log-ratio; non-negative, also unbiased) is given
      next to it. The log-ratio of the evaluated (e.g. greedy) responses is kept as `log_ratio`: it is not a KL (on
-     greedy answers it can be negative). KL is 0 for sft by definition.
+     greedy answers it can be negative). KL is 0 for the reference by definition.
      When more than half of two policies' greedy answers are identical, the report says so, and each policy's
      first KL sample (one per prompt; sft samples one at T too) is scored and compared: the sampled comparison.
   4. score: every response with the run's reward model (if the run has one; raw scores, not normalised) and with
      the --judge function (if given), both batched.
-  5. metrics per policy (mean/std of scores, KL, length, EOS rate, distinct-1/2) and pairwise win rates with a
-     95% Wilson score interval (rlchat/eval_report.py); write RUN/eval/responses.jsonl and report.json, then `rlchat.report.render`
+  5. metrics per policy (mean/std of scores, KL, length, EOS rate, distinct-1/2) and win rates with a 95% Wilson
+     score interval, of every policy against the reference (and base), and with --pairwise of the trained
+     policies against each other (rlchat/eval_report.py); write RUN/eval/responses.jsonl and report.json, then `rlchat.report.render`
      writes report.md and the PNG plots. All files are written atomically.
 
 What it leaves out: multi-turn rollouts (a prompt with several turns is answered once), pairwise LLM judges (a
@@ -34,12 +39,13 @@ several responses per prompt (only the KL estimate samples several).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlchat.errors import ConfigError, RunDirError
+from rlchat.eval_policies import (POLICY_STAGES, SAMPLING_STAGES, Policies, choose_policies, kl_temperature,
+                                  load_policies)
 from rlchat.eval_report import (REFERENCE_POLICY, PolicyResult, build_report, gather_results, headline_metrics,
                                 needs_sampled_comparison, write_outputs)
 from rlchat.models import with_load_settings
@@ -47,82 +53,13 @@ from rlchat.generation import (encode_prompt, generate, generation_config, promp
                                stop_token_ids, token_logprobs)
 from rlchat.prompts import Prompt
 
-POLICY_ORDER = ("base", "sft", "ppo", "ppo-best")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
-
-
-# -------------------------------------------------------------------------------------------------- policies
-
-
-class Policies:
-    """The models of a run's policies. `sft` and `ppo` share one model when the PPO policy is a LoRA adapter:
-    the SFT-merged base with the adapter, which `use("sft")` switches off. `base` is its own model."""
-
-    def __init__(self, sft_model, tokenizer, ppo_model=None, ppo_shared: bool = False, base_model=None,
-                 best_model=None):
-        self.sft_model = sft_model
-        self.tokenizer = tokenizer
-        self.ppo_model = ppo_model
-        self.ppo_shared = ppo_shared
-        self.base_model = base_model
-        self.best_model = best_model  # None when ppo-best is a second adapter ("best") on the shared ppo_model
-
-    @contextlib.contextmanager
-    def use(self, name: str):
-        if name == "base":
-            yield self.base_model
-        elif name == "ppo":
-            yield self.ppo_model
-        elif name == "ppo-best" and self.best_model is not None:
-            yield self.best_model
-        elif name == "ppo-best":
-            self.ppo_model.set_adapter("best")
-            try:
-                yield self.ppo_model
-            finally:
-                self.ppo_model.set_adapter("default")
-        elif name == "sft" and self.ppo_shared:
-            with self.ppo_model.disable_adapter():
-                yield self.ppo_model
-        else:
-            yield self.sft_model
-
-
 # -------------------------------------------------------------------------------------------------- validate
 
 
-def choose_policies(run, cfg) -> list[str]:
-    """The policies to evaluate, in POLICY_ORDER; RunDirError when one asked for is not in the run."""
-    ppo_rec = run.record("ppo")
-    has_ppo = bool(ppo_rec and ppo_rec.get("status") == "done")
-    has_best = has_ppo and bool((ppo_rec.get("outputs") or {}).get("best"))
-    if cfg.policies:
-        wanted = set(cfg.policies)
-        if "ppo-best" in wanted and not has_best:
-            raise RunDirError(f"policy 'ppo-best' was asked for but the ppo stage in {run.path} kept no best policy "
-                              "(it ran without --eval-every, or has not finished)",
-                              f"rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`, or leave "
-                              "ppo-best out of --policies")
-        if "ppo" in wanted and not has_ppo:
-            status = ppo_rec.get("status") if ppo_rec else "not run"
-            raise RunDirError(f"policy 'ppo' was asked for but the ppo stage in {run.path} is {status}",
-                              f"run `rlchat ppo --run-dir {run.path}` first, or leave ppo out of --policies")
-        if cfg.include_base:
-            wanted.add("base")
-    else:
-        wanted = ({"sft"} | ({"ppo"} if has_ppo else set()) | ({"ppo-best"} if has_best else set())
-                  | ({"base"} if cfg.include_base else set()))
-    return [p for p in POLICY_ORDER if p in wanted]
-
-
-def kl_temperature(run) -> float:
-    """The temperature PPO sampled at (its manifest config), at which the KL to the reference is estimated."""
-    rec = run.record("ppo") or {}
-    return float((rec.get("config") or {}).get("temperature") or 1.0)
-
-
 def prompts_spec(cfg, run) -> str:
-    """The eval prompts' dataset: --dataset, else the one the run's PPO stage trained on."""
-    spec = cfg.dataset or ((run.record("ppo") or {}).get("config") or {}).get("dataset")
+    """The eval prompts' dataset: --dataset, else the one the run's PPO (else GRPO, RLOO) stage trained on."""
+    trained_on = [((run.record(stage) or {}).get("config") or {}).get("dataset") for stage in SAMPLING_STAGES]
+    spec = cfg.dataset or next((s for s in trained_on if s), None)
     if not spec:
         raise ConfigError("eval needs prompts", "pass --dataset (a file with a 'prompt', 'messages' or 'text' "
                           "column), or set `eval: {dataset: ...}` in the recipe")
@@ -150,10 +87,12 @@ def _run(cfg) -> dict:
 
     t_start = time.time()
     # 1. validate everything before the first write, then load the models
-    run, policies, prompts, dataset_spec, judge = _validate(cfg)
-    pol, rm = _load_models(run, cfg, policies)
-    parent = "ppo" if "ppo" in policies else "sft"
+    run, policies, prompts, dataset_spec, judge, start_spec = _validate(cfg)
+    pol, rm = _load_models(run, cfg, policies, start_spec)
+    parent = next((p for p in POLICY_STAGES if p in policies), None) or (None if start_spec else "sft")
     inputs = {"dataset": input_record(dataset_spec)}
+    if start_spec:  # lineage of a run without SFT: the starting model `base` (hashed by the stage that used it)
+        inputs["base"] = input_record(start_spec, hash=False)
     if cfg.judge:
         inputs["judge"] = {"spec": cfg.judge}
     stage_dir = run.begin_stage("eval", config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
@@ -164,7 +103,8 @@ def _run(cfg) -> dict:
         if not dist.is_main():  # the main process has everything gathered; it writes the report
             return {"rank": dist.rank()}
         # 5. per-policy metrics and win rates; responses.jsonl, report.json, report.md and the plots
-        report = build_report(run, cfg, policies, prompts, results, dataset_spec, has_rm=rm is not None, kl_t=kl_t)
+        report = build_report(run, cfg, policies, prompts, results, dataset_spec, has_rm=rm is not None, kl_t=kl_t,
+                              reference=pol.reference)
         write_outputs(stage_dir, prompts, policies, results, report)
         _write_report_files(run, stage_dir, report)
         metrics = headline_metrics(report)
@@ -176,12 +116,14 @@ def _run(cfg) -> dict:
 
 
 def _validate(cfg) -> tuple:
-    """Step 1: (run, policies, prompts, dataset spec, judge or None), reading only."""
+    """Step 1: (run, policies, prompts, dataset spec, judge or None, the starting model's spec in a run without
+    SFT or None), reading only."""
     from rlchat.one_turn import mismatch_warning
     from rlchat.progress import console
     from rlchat.prompts import load_prompts
     from rlchat.rewards import DUMMY_COMPLETIONS, DUMMY_PROMPTS, call_judge, load_judge
     from rlchat.rundir import RunDir
+    from rlchat.run_models import starting_model
 
     run = RunDir(cfg.run_dir)
     if not run.exists():
@@ -189,75 +131,66 @@ def _validate(cfg) -> tuple:
                           "pass the --run-dir you trained in (rlchat sft --run-dir ...)")
     run.check_can_start("eval", cfg.overwrite)
     sft_rec = run.record("sft")
-    if not sft_rec or sft_rec.get("status") != "done":
-        status = sft_rec.get("status") if sft_rec else "not run"
-        raise RunDirError(f"{run.path} has no trained policy: stage 'sft' is {status}",
-                          f"train one first: rlchat sft --run-dir {run.path} --model ... --dataset ...")
-    run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
-    policies = choose_policies(run, cfg)
-    ppo_rec = run.record("ppo")
-    if ppo_rec and "ppo" not in policies and not cfg.policies:
-        console.print(f"[yellow]eval: the ppo stage is {ppo_rec.get('status')}, so only its SFT policy is "
-                      f"evaluated[/]", highlight=False)
+    # a run with no sft stage at all: the --model that ppo / train-reward started from is the policy `base`
+    start_spec = None if sft_rec else starting_model(run)
+    if start_spec is None:
+        if not sft_rec or sft_rec.get("status") != "done":
+            status = sft_rec.get("status") if sft_rec else "not run"
+            raise RunDirError(f"{run.path} has no trained policy: stage 'sft' is {status} and no ppo or "
+                              "train-reward stage finished from a --model",
+                              f"train one first: rlchat sft --run-dir {run.path} --model ... --dataset ..., or "
+                              f"rlchat ppo --run-dir {run.path} --model ... --dataset ...")
+        run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
+    reference = "base" if start_spec else REFERENCE_POLICY
+    policies = choose_policies(run, cfg, reference)
+    for stage in POLICY_STAGES:  # a policy stage that has not finished has no policy to compare
+        rec = run.record(stage)
+        if rec and stage not in policies and not cfg.policies:
+            console.print(f"[yellow]eval: the {stage} stage is {rec.get('status')}, so its policy is left out[/]",
+                          highlight=False)
     mismatch = mismatch_warning(run, "eval")
     if mismatch:  # a policy or reward model trained on raw text (rlchat/one_turn.py)
         console.print(f"[yellow]{mismatch}[/]", highlight=False)
     dataset_spec = prompts_spec(cfg, run)
     prompts, _, _ = load_prompts(dataset_spec, cfg.split, cfg.dataset_config, limit=cfg.max_prompts)
-    _check_templates(run, cfg, sft_rec, prompts, dataset_spec)
+    _check_templates(run, cfg, sft_rec, prompts, dataset_spec, start_spec)
     judge = None
     if cfg.judge:
         judge = load_judge(cfg.judge)
         call_judge(judge, cfg.judge, DUMMY_PROMPTS, DUMMY_COMPLETIONS, during="the check on two dummy prompts")
     console.print(f"[bold]eval[/] {len(prompts)} prompts from {dataset_spec}; policies: {', '.join(policies)}"
                   + (f"; judge {cfg.judge}" if cfg.judge else ""), highlight=False)
-    return run, policies, prompts, dataset_spec, judge
+    return run, policies, prompts, dataset_spec, judge, start_spec
 
 
-def _check_templates(run, cfg, sft_rec: dict, prompts: list, spec: str) -> None:
+def _check_templates(run, cfg, sft_rec: dict | None, prompts: list, spec: str, start_spec: str | None) -> None:
     """Every prompt through the run's chat template now (a role it refuses is a DataError before the first write,
     not a failure halfway through generation)."""
     from rlchat import checks, models
 
-    tok_dir = (sft_rec.get("outputs") or {}).get("tokenizer")
-    if not tok_dir:
-        return
-    tokenizer = models.load_tokenizer(str(run.resolve_inside(tok_dir)), trust_remote_code=cfg.trust_remote_code)
+    if start_spec:
+        tok_spec = start_spec
+    else:
+        tok_dir = (sft_rec.get("outputs") or {}).get("tokenizer")
+        if not tok_dir:
+            return
+        tok_spec = str(run.resolve_inside(tok_dir))
+    tokenizer = models.load_tokenizer(tok_spec, trust_remote_code=cfg.trust_remote_code)
     for i, p in enumerate(prompts):
         with checks.template_errors(f"prompt {i} of {spec}"):
             tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
 
 
-def _load_models(run, cfg, policies: list[str]):
-    """(Policies, the run's reward scorer or None), on the device."""
+def _load_models(run, cfg, policies: list[str], start_spec: str | None = None):
+    """(Policies, the run's reward scorer or None), on the device (rlchat/eval_policies.py)."""
     from rlchat import models
-    from rlchat.run_models import base_model_spec, load_ppo_policy, load_run_reward_scorer, load_sft_policy
     from rlchat.progress import quiet_libraries
+    from rlchat.run_models import load_run_reward_scorer
 
     quiet_libraries()
-    device = models.pick_device()
-    sft_model, tokenizer = load_sft_policy(run.path, trust_remote_code=cfg.trust_remote_code, device=device)
-    ppo_model, shared, best_model = None, False, None
-    if "ppo" in policies or "ppo-best" in policies:
-        ppo_model, shared = load_ppo_policy(run, sft_model, cfg.trust_remote_code)
-        ppo_model.to(device)
-    if "ppo-best" in policies:
-        from rlchat.run_models import ppo_policy_dir
-
-        if shared:  # a second adapter on the same model, switched on for ppo-best only
-            ppo_model.load_adapter(str(ppo_policy_dir(run, run.record("ppo"), "best")), adapter_name="best")
-            ppo_model.to(device)
-        else:
-            best_model, _ = load_ppo_policy(run, sft_model, cfg.trust_remote_code, "best")
-            best_model.to(device)
-    base_model = None
-    if "base" in policies:
-        base_model = models.load_causal_lm(base_model_spec(run), trust_remote_code=cfg.trust_remote_code,
-                                           device=device)
-        models.align_model_with_tokenizer(base_model, tokenizer)
-        base_model.eval()
-    rm = load_run_reward_scorer(run, cfg.batch_size, device, cfg.trust_remote_code)
-    return Policies(sft_model, tokenizer, ppo_model, shared, base_model, best_model), rm
+    pol = load_policies(run, cfg, policies, start_spec)
+    rm = load_run_reward_scorer(run, cfg.batch_size, models.pick_device(), cfg.trust_remote_code)
+    return pol, rm
 
 
 def _write_report_files(run, stage_dir: Path, report: dict) -> None:
@@ -294,7 +227,7 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
     from rlchat.progress import stage_progress
 
     tok = pol.tokenizer
-    limit = prompt_limit(pol.sft_model, cfg.max_new_tokens)
+    limit = prompt_limit(pol.ref_model, cfg.max_new_tokens)
     bs = cfg.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
     batches = batches[dist.rank()::dist.world_size()]  # this process's share
@@ -302,7 +235,7 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
     work = _Batches([encode_prompt(tok, p.messages, limit) for p in prompts], batches, mine,
                     {i: j for j, i in enumerate(mine)})
     results = {name: PolicyResult() for name in policies}
-    n_kl = sum(1 for p in policies if p != REFERENCE_POLICY)
+    n_kl = sum(1 for p in policies if p != pol.reference)
     total = len(batches) * (len(policies) + n_kl * (1 + cfg.kl_samples) + (1 if rm is not None else 0)
                             * len(policies))
 
@@ -314,7 +247,7 @@ def evaluate_policies(pol: Policies, policies: list[str], prompts: list[Prompt],
         _log_ratio_all(pol, policies, work, results, progress, task)
         _kl_all(pol, policies, work, cfg, kl_t, results, progress, task)
         _score_all(policies, prompts, work, cfg, rm, judge, results, progress, task)
-        if needs_sampled_comparison(policies, results, cfg):
+        if needs_sampled_comparison(policies, results, cfg, pol.reference):
             _sampled_comparison(pol, policies, prompts, work, cfg, kl_t, rm, judge, results, progress, task)
         progress.update(task, info="done")
     if dist.is_distributed():
@@ -330,7 +263,7 @@ def _generate_all(pol: Policies, policies: list[str], work: _Batches, cfg, resul
     from rlchat.generation import decode_responses
 
     tok = pol.tokenizer
-    stop_ids = stop_token_ids(pol.sft_model, tok)
+    stop_ids = stop_token_ids(pol.ref_model, tok)
     gen = generation_config(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, tok.pad_token_id,
                             bos_id=tok.bos_token_id)
     for name in policies:
@@ -347,20 +280,21 @@ def _generate_all(pol: Policies, policies: list[str], work: _Batches, cfg, resul
 
 
 def _log_ratio_all(pol: Policies, policies: list[str], work: _Batches, results: dict, progress, task) -> None:
-    """3a. log pi(y|x) - log pi_sft(y|x) of each evaluated response (temperature 1); not a KL estimate."""
+    """3a. log pi(y|x) - log pi_ref(y|x) of each evaluated response (temperature 1; ref: sft, or base in a run
+    without SFT); not a KL estimate."""
     pad_id = pol.tokenizer.pad_token_id
     for name in policies:
-        if name == REFERENCE_POLICY:
+        if name == pol.reference:
             results[name].log_ratio = [0.0] * len(work.mine)
             continue
-        progress.update(task, info=f"log-ratio to {REFERENCE_POLICY}: {name}")
+        progress.update(task, info=f"log-ratio to {pol.reference}: {name}")
         r = results[name]
         for rows in work.batches:
             p_ids = [work.prompt_ids[i] for i in rows]
             y_ids = [r.response_ids[work.local[i]] for i in rows]
             with pol.use(name) as model:
                 own = sequence_logprobs(model, p_ids, y_ids, pad_id)
-            with pol.use(REFERENCE_POLICY) as model:
+            with pol.use(pol.reference) as model:
                 ref = sequence_logprobs(model, p_ids, y_ids, pad_id)
             r.log_ratio += [a - b for a, b in zip(own, ref)]
             progress.advance(task)
@@ -368,7 +302,7 @@ def _log_ratio_all(pol: Policies, policies: list[str], work: _Batches, results: 
 
 def _sample_config(pol: Policies, cfg, temperature: float):
     tok = pol.tokenizer
-    stop_ids = stop_token_ids(pol.sft_model, tok)
+    stop_ids = stop_token_ids(pol.ref_model, tok)
     return generation_config(cfg.max_new_tokens, temperature, 1.0, stop_ids, tok.pad_token_id,
                              bos_id=tok.bos_token_id), stop_ids
 
@@ -391,11 +325,11 @@ def _kl_all(pol: Policies, policies: list[str], work: _Batches, cfg, T: float, r
         r = results[name]
         r.sample_response, r.sample_ids = [None] * n, [None] * n
         r.sample_reward, r.sample_judge = [None] * n, [None] * n
-        if name == REFERENCE_POLICY:
+        if name == pol.reference:
             r.kl_k1, r.kl_k3 = [[0.0] for _ in range(n)], [[0.0] for _ in range(n)]
             continue
         r.kl_k1, r.kl_k3 = [[] for _ in range(n)], [[] for _ in range(n)]
-        progress.update(task, info=f"KL to {REFERENCE_POLICY} on samples (T={T:g}): {name}")
+        progress.update(task, info=f"KL to {pol.reference} on samples (T={T:g}): {name}")
         torch.manual_seed(cfg.seed + 7 + 1_000_003 * dist.rank())  # the same draws for every policy
         for rows in work.batches:
             p_ids = [work.prompt_ids[i] for i in rows]
@@ -403,7 +337,7 @@ def _kl_all(pol: Policies, policies: list[str], work: _Batches, cfg, T: float, r
                 with pol.use(name) as model:
                     resp, _ = generate(model, tok, p_ids, gen, stop_ids)
                     own = token_logprobs(model, p_ids, resp, tok.pad_token_id, T)
-                with pol.use(REFERENCE_POLICY) as model:
+                with pol.use(pol.reference) as model:
                     ref = token_logprobs(model, p_ids, resp, tok.pad_token_id, T)
                 texts = decode_responses(tok, resp, stop_ids)
                 for i, ids, text, a, b in zip(rows, resp, texts, own, ref):
@@ -428,10 +362,10 @@ def _sampled_comparison(pol: Policies, policies: list[str], prompts: list[Prompt
 
     tok = pol.tokenizer
     gen, stop_ids = _sample_config(pol, cfg, T)
-    ref = results[REFERENCE_POLICY]
-    progress.update(task, info=f"sampled comparison: {REFERENCE_POLICY}")
+    ref = results[pol.reference]
+    progress.update(task, info=f"sampled comparison: {pol.reference}")
     torch.manual_seed(cfg.seed + 7 + 1_000_003 * dist.rank())
-    with pol.use(REFERENCE_POLICY) as model:
+    with pol.use(pol.reference) as model:
         for rows in work.batches:
             resp, _ = generate(model, tok, [work.prompt_ids[i] for i in rows], gen, stop_ids)
             for i, ids, text in zip(rows, resp, decode_responses(tok, resp, stop_ids)):

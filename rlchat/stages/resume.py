@@ -6,7 +6,8 @@
 - `prepare_resume(stage_dir, resume_from)`: before a resumed (or restarted) run trains, removes what the killed
   process left half-done (`remove_leftovers`: tmp files and directories; incomplete checkpoints) and the metrics
   rows it logged after the checkpoint, so metrics.jsonl reads as one uninterrupted run.
-- `check_resume_settings(run, stage, cfg)` (sft, reward) and `check_ppo_resumable` / `check_ppo_resume_settings`
+- `check_resume_settings(run, stage, cfg)` (sft, reward, dpo), `check_resume_inputs` (reward, dpo: the same base
+  and pairs) and `check_ppo_resumable` / `check_ppo_resume_settings`
   (ppo): a resume with settings its checkpoints cannot continue is refused, naming the old values as flags.
 - `final_step`: the step a training ends at, when known before it starts; `drop_pickled_args`: the Trainer's
   pickled TrainingArguments deleted from checkpoints.
@@ -87,7 +88,9 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
 RESUME_KEYS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "weight_decay",
                # the precision the weights were trained in, and the shape of the learning-rate schedule (the
                # restored scheduler would continue a curve the new settings do not describe)
-               "dtype", "lr_scheduler", "warmup_ratio", "warmup_steps")
+               "dtype", "lr_scheduler", "warmup_ratio", "warmup_steps",
+               # dpo: the loss the checkpoints were trained with
+               "beta", "loss_type", "label_smoothing")
 
 
 def as_flag(key: str, value) -> str:
@@ -110,6 +113,22 @@ def check_resume_settings(run, stage: str, cfg) -> None:
         raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained with "
                           f"{detail}", f"rerun with the same settings to resume ({olds}), or add --overwrite to "
                           "start afresh")
+
+
+def check_resume_inputs(run, stage: str, cfg, base, dataset_record: dict) -> None:
+    """RunDirError when resuming a stage trained from a base model on pairs (train-reward, dpo) would continue its
+    checkpoints from another base or on other data (run.json's inputs), or with other weight settings."""
+    check_resume_settings(run, stage, cfg)
+    old = (run.record(stage) or {}).get("inputs") or {}
+    old_base, old_data = old.get("base") or {}, old.get("dataset") or {}
+    if (old_base.get("name"), old_base.get("hash")) != (base.name, base.hash):
+        raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained on base "
+                          f"{old_base.get('name')} ({old_base.get('hash')}), the base is now {base.name} "
+                          f"({base.hash})", f"rerun with --overwrite to start the {stage} stage afresh")
+    if (old_data.get("spec"), old_data.get("hash")) != (dataset_record["spec"], dataset_record.get("hash")):
+        raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained on "
+                          f"dataset {old_data.get('spec')}, which differs from {cfg.dataset} (or changed since)",
+                          "rerun with the same --dataset, or with --overwrite to start afresh")
 
 
 def _step(row: dict) -> float:

@@ -43,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from rlchat.errors import ConfigError, DataError, RunDirError
+from rlchat.errors import ConfigError, DataError
 from rlchat.models import with_load_settings
 from rlchat.one_turn import PAIRS_NOTE, pairs_rendering
 from rlchat.pairs import pair_stats, read_pairs, reward_health, rows_text, tokenize_pairs
@@ -138,7 +138,7 @@ def _check_run(cfg):
     from rlchat.fileio import input_record
     from rlchat.progress import check_report_to
     from rlchat.rundir import RunDir
-    from rlchat.stages.resume import check_resume_settings
+    from rlchat.stages.resume import check_resume_inputs
 
     if not cfg.dataset:
         raise ConfigError("train-reward needs preference pairs", "pass --dataset (a .jsonl/.json/.parquet/.csv "
@@ -149,17 +149,7 @@ def _check_run(cfg):
     base = resolve_base(run, cfg.model)
     dataset_record = input_record(cfg.dataset)
     if mode == "resume":  # the checkpoints must continue the same training
-        check_resume_settings(run, STAGE, cfg)
-        old = (run.record(STAGE) or {}).get("inputs") or {}
-        old_base, old_data = old.get("base") or {}, old.get("dataset") or {}
-        if old_base.get("name") != base.name or old_base.get("hash") != base.hash:
-            raise RunDirError(f"cannot resume the reward stage in {run.path}: its checkpoints were trained on base "
-                              f"{old_base.get('name')} ({old_base.get('hash')}), the base is now {base.name} "
-                              f"({base.hash})", "rerun with --overwrite to start the reward model afresh")
-        if old_data.get("spec") != dataset_record["spec"] or old_data.get("hash") != dataset_record.get("hash"):
-            raise RunDirError(f"cannot resume the reward stage in {run.path}: its checkpoints were trained on "
-                              f"dataset {old_data.get('spec')}, which differs from {cfg.dataset} (or changed since)",
-                              "rerun with the same --dataset, or with --overwrite to start afresh")
+        check_resume_inputs(run, STAGE, cfg, base, dataset_record)
     inputs = {"dataset": dataset_record,
               "base": {"name": base.name, "hash": base.hash},
               "model": input_record(cfg.model, hash=False) if cfg.model else None}
