@@ -204,10 +204,11 @@ def learned_vowel_rate(stage: str, tmp_path: Path, tiny_model, demo_data, sign: 
     from rlchat.stages import ppo
 
     T = 0.1  # as the PPO learning test: a low temperature lets the LoRA steer the random, frozen LM head
-    fn = write_fn(tmp_path, VOWEL_REWARD.format(sign=sign), "vowels.py")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    fn = write_fn(tmp_path, VOWEL_REWARD.format(sign=sign), f"vowels_{stage}_{'up' if sign > 0 else 'down'}.py")
     run = tmp_path / "run"
     metrics = ppo.run(group_cfg(stage, run, tiny_model, demo_data["prompts"], reward_fn=f"{fn}:reward",
-                                episodes=640, batch_size=16, num_generations=4, ppo_epochs=4, lr=2e-3,
+                                episodes=960, batch_size=16, num_generations=4, ppo_epochs=4, lr=2e-3,
                                 kl_coef=0.002, temperature=T, seed=3, save_every=1000, sample_every=1000))
     prompts = [json.loads(line)["prompt"][0]["content"] for line in
                Path(demo_data["prompts"]).read_text().splitlines()][:48]

@@ -78,8 +78,13 @@ python and numpy RNG states, per-step score history). Running the same command a
 resumes from the newest checkpoint and continues exactly as the uninterrupted run would have (same prompts, same
 samples, on the same hardware).
 
-Left out on purpose: sequence packing, vLLM-style fast generation, several responses per prompt (RLOO/GRPO),
-reward-model ensembles, an entropy bonus.
+`rlchat grpo` and `rlchat rloo` run this same stage (config.GroupConfig: stage_of(cfg) is "grpo" / "rloo") into
+RUN/grpo/, RUN/rloo/: the models without a value role (no value adapter; rollout rows policy, reference, reward),
+step 3's PPO step replaced by rlchat/group_step.py (num_generations responses per prompt, advantages from the group,
+one policy pass per micro-batch), no value/ output. Everything else here (validation, reward sources, checkpoints,
+exact resume, multi-process rules, metrics, held-out tracking, health checks) is the same code.
+
+Left out on purpose: sequence packing, vLLM-style fast generation, reward-model ensembles, an entropy bonus.
 
     rlchat ppo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512
 """
