@@ -413,12 +413,11 @@ def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: 
     otherwise the value adapter is a fresh LoRA like the policy's and the value head starts at 0).
     shared_critic: no value adapter; the value head (starting at 0) reads the policy adapter's hidden states, so
     one pass trains both (about half the training compute; the value loss then also shapes the policy's LoRA).
-    critic=False (grpo/rloo): no value model: the shared-critic layout with its zero head frozen, so the rollout
-    pass runs policy, reference (and reward) rows only and a training pass is the policy's alone.
+    critic=False (grpo/rloo): no value model (as shared_critic, the zero head frozen): one pass per training step.
     """
     from peft import get_peft_model
 
-    shared_critic = shared_critic or not critic  # no value adapter; the head (at 0) stays frozen without a critic
+    shared_critic = shared_critic or not critic  # no value adapter
     policy_lora = copy.deepcopy(policy_lora)
     policy_lora.task_type = "CAUSAL_LM"
     peft_model = get_peft_model(base_lm, policy_lora, adapter_name=POLICY)
@@ -440,7 +439,7 @@ def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: 
         add_lora_adapter(peft_model, VALUE, value_kwargs)
         value_head = make_head(hidden_size, dtype=dtype)
     model = SharedBase(peft_model, value_head, reward_head, temperature, shared_critic=shared_critic)
-    if not critic:
+    if not critic:  # the zero head is never trained nor saved
         model.value_head.requires_grad_(False)
         model.has_critic = False
     return model.to(device)

@@ -298,11 +298,9 @@ class PPOConfig(RunConfig):
 
 @dataclass
 class GroupConfig(PPOConfig):
-    """Critic-free RL (grpo, rloo): num_generations responses per prompt, advantages from the group, no value model.
-
-    The PPO loop, rewards, checkpoints and resume rules; `batch_size` counts responses (batch_size /
-    num_generations prompts per step and process). PPO_ONLY fields describe the value model or GAE: they are not
-    flags of these commands, and a recipe that sets them is refused."""
+    """Critic-free RL (grpo, rloo) on the PPO loop: num_generations responses per prompt, group advantages, no value
+    model. PPO_ONLY fields (value model, GAE) are no flags of these commands; a recipe section setting one is refused.
+    """
 
     PPO_ONLY: typing.ClassVar[tuple] = ("gamma", "lam", "cliprange_value", "vf_coef", "whiten_rewards", "value_model",
                                         "separate_models", "full")
@@ -319,10 +317,10 @@ class GroupConfig(PPOConfig):
         defaults = PPOConfig()
         out += [f"{k} is a PPO setting ({self.stage} has no value model and no GAE): drop it" for k in self.PPO_ONLY
                 if getattr(self, k) != getattr(defaults, k)]
-        if bad & {"num_generations", "batch_size"}:
-            return out
         G = self.num_generations
-        if G < 2:
+        if bad & {"num_generations", "batch_size"}:
+            pass
+        elif G < 2:
             out.append(f"num_generations is {G}: {self.stage} compares each response with the others to the same "
                        f"prompt, so it needs at least 2 (e.g. --num-generations 4)")
         elif self.batch_size % G:

@@ -238,18 +238,11 @@ def one_group_update(model_dir: str, grad_accum: int, lr: float, rank: int, worl
             "exp_avg": {n: state[p]["exp_avg"].detach().clone() for n, p in zip(names, trainable)}}
 
 
-def run_group_update(args, rank: int, world: int) -> dict:
-    out = one_group_update(args.model, args.grad_accum, args.lr, rank, world, True)
+def run_update(one, args, rank: int, world: int) -> dict:
+    """`one` (one_update / one_group_update) with reduce, and with more than one process also without it."""
+    out = one(args.model, args.grad_accum, args.lr, rank, world, True)
     if world > 1:
-        no = one_group_update(args.model, args.grad_accum, args.lr, rank, world, False)
-        out.update({f"noreduce/{k}": v for k, v in no.items()})
-    return out
-
-
-def run_ppo_update(args, rank: int, world: int) -> dict:
-    out = one_update(args.model, args.grad_accum, args.lr, rank, world, True)
-    if world > 1:
-        no = one_update(args.model, args.grad_accum, args.lr, rank, world, False)
+        no = one(args.model, args.grad_accum, args.lr, rank, world, False)
         out.update({f"noreduce/{k}": v for k, v in no.items()})
     return out
 
@@ -278,9 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         PartialState(cpu=not torch.cuda.is_available())
     rank, world = dist.rank(), dist.world_size()
-    run_mode = {"whiten": lambda: run_whiten(rank, world), "ppo_update": lambda: run_ppo_update(args, rank, world),
-                "group_update": lambda: run_group_update(args, rank, world)}[args.mode]
-    out = run_mode()
+    if args.mode == "whiten":
+        out = run_whiten(rank, world)
+    else:
+        out = run_update(one_update if args.mode == "ppo_update" else one_group_update, args, rank, world)
     out["world"] = world
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
     torch.save(out, Path(args.outdir) / f"rank-{rank}.pt")

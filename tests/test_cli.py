@@ -17,7 +17,7 @@ from tests.conftest import snapshot
 
 runner = CliRunner()
 COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "import-gguf", "demo-data", "plan", "export",
-            "chat", "report", "score"]
+            "chat", "report", "score", "grpo", "rloo"]
 
 
 def invoke(*args):
@@ -41,7 +41,7 @@ def test_root_help_lists_subcommands():
     assert sorted(listed) == sorted(COMMANDS), listed
 
 
-@pytest.mark.parametrize("cmd", ["sft", "train-reward", "ppo"])
+@pytest.mark.parametrize("cmd", ["sft", "train-reward", "ppo", "grpo", "rloo"])
 def test_training_commands_take_lr_as_a_flag(cmd):
     import typer
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,20 +21,13 @@ from typer.testing import CliRunner
 
 from tests.conftest import snapshot
 from tests.test_multiprocess import launch_worker, max_abs_diff
-from tests.test_ppo_stage import (ROOT, VOWEL_REWARD, fresh_run, make_reward_stage, sample_vowel_rate,
-                                  write_fn)
+from tests.test_ppo_stage import (ROOT, VOWEL_REWARD, fresh_run, kill_after_checkpoint, make_reward_stage,
+                                  sample_vowel_rate, write_fn)
 
 JUDGE = "rlchat.demo.task:judge"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +248,10 @@ def test_killed_grpo_run_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny
                                ppo_epochs=2, save_every=2, sample_every=1, seed=0))
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    ref = fresh_run(reward_run, tmp_path / "ref")
+    ref, run = fresh_run(reward_run, tmp_path / "ref"), fresh_run(reward_run, tmp_path / "killed")
     subprocess.run([sys.executable, "-c", RUNNER, args(ref)], env=env, check=True, capture_output=True, cwd=ROOT)
-
-    run = fresh_run(reward_run, tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, args(run)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run / "grpo" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step-4" for p in ckpts.iterdir())):
-        assert proc.poll() is None, "the run ended before its second checkpoint"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(RUNNER, args(run), ckpts, "step-4", env)  # SIGKILL once step-4 is saved
     assert json.loads((run / "run.json").read_text())["stages"]["grpo"]["status"] == "running"
     newest = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert newest < 8, "killed too late to test resuming"
