@@ -144,6 +144,17 @@ def test_rloo_puts_the_kl_in_the_reward(tmp_path, tiny_model, reward_run, demo_d
         assert r["objective/rewards"] == pytest.approx(r["objective/scores"] - 0.5 * r["objective/kl"], abs=1e-5)
 
 
+def test_one_update_per_batch_is_not_reported_as_not_moving():
+    """--ppo-epochs 1 --mini-batches 1 (TRL's GRPO default): approx_kl and clipfrac are measured on the only
+    minibatch before its optimizer step, so they are 0 however fast the policy moves."""
+    from rlchat.config import GRPOConfig
+    from rlchat.ppo_health import check_health_cfg
+
+    rows = [{"step": i, "lr": 5e-5, "policy/approx_kl": 0.0, "policy/clipfrac": 0.0} for i in range(1, 9)]
+    assert [f.check for f in check_health_cfg(rows, GRPOConfig(run_dir="r"))] == ["not_moving"]  # 4 epochs
+    assert check_health_cfg(rows, GRPOConfig(run_dir="r", ppo_epochs=1)) == []
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
