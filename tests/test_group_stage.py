@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import snapshot
-from tests.test_multiprocess import launch_worker, max_abs_diff
+from tests.test_multiprocess import launch_worker, leftovers, max_abs_diff, ok, rlchat
 from tests.test_ppo_stage import (ROOT, VOWEL_REWARD, fresh_run, kill_after_checkpoint, make_reward_stage,
                                   sample_vowel_rate, write_fn)
 
@@ -281,3 +281,25 @@ def test_killed_grpo_run_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny
     got = load_file(str(run / "grpo" / "policy" / "adapter_model.safetensors"))
     want = load_file(str(ref / "grpo" / "policy" / "adapter_model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.slow
+def test_grpo_with_two_processes_samples_whole_groups_on_each(tmp_path, tiny_model, demo_data):
+    """`rlchat grpo --num-processes 2`: each process takes batch_size / G prompts of the global batch and samples G
+    responses to each; episodes count both processes; the checkpoints keep both RNGs; the policy loads."""
+    run = tmp_path / "run"
+    batch, steps = 4, 3
+    ok(rlchat("grpo", "--run-dir", run, "--model", tiny_model, "--dataset", demo_data["prompts"], "--reward-fn",
+              JUDGE, "--batch-size", batch, "--num-generations", 2, "--episodes", steps * batch * 2,
+              "--ppo-epochs", 1, "--response-length", 8, "--lora-r", 4, "--lora-alpha", 8, "--save-every", 2,
+              "--num-processes", 2))
+    rec = json.loads((run / "run.json").read_text())["stages"]["grpo"]
+    assert rec["status"] == "done" and rec["metrics"]["processes"] == 2 and rec["metrics"]["steps"] == steps
+    rows = read_jsonl(run / "grpo" / "metrics.jsonl")
+    assert [r["episodes"] for r in rows] == [s * batch * 2 for s in range(1, steps + 1)]
+    state = json.loads((run / "grpo" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["layout"]["processes"] == 2 and state["layout"]["num_generations"] == 2
+    assert len(state["rng_ranks"]) == 2 and (run / "grpo" / "checkpoints" / "step-2" / "rng-1.pt").is_file()
+    # the prompt sampler hands each process its own prompts: 2 steps x 2 processes x 2 prompts seen
+    assert state["sampler"]["offset"] == 2 * 2 * (batch // 2)
+    assert (run / "grpo" / "policy" / "adapter_model.safetensors").is_file() and not leftovers(run)
