@@ -176,8 +176,8 @@ def check_health_cfg(rows: list[dict], cfg) -> list[Finding]:
     """check_health with the settings of a PPOConfig (or grpo/rloo's GroupConfig)."""
     found = check_health(rows, lr=cfg.lr, response_length=cfg.response_length, target_kl=cfg.target_kl,
                          missing_eos_penalty=cfg.missing_eos_penalty)
-    if cfg.ppo_epochs * cfg.mini_batches == 1:  # one optimizer step per batch, taken after approx_kl and clipfrac
-        found = [f for f in found if f.check != "not_moving"]  # are measured (at ratio 1): they are always 0
+    if getattr(cfg, "ppo_epochs", 0) * getattr(cfg, "mini_batches", 0) == 1:  # one optimizer step per batch, after
+        found = [f for f in found if f.check != "not_moving"]  # approx_kl and clipfrac are measured: always 0
     return found
 
 
