@@ -53,7 +53,8 @@ if not PEER_DIR.is_dir():
     PEER_DIR = Path("/work/shared/peers/trl-ppo-1.12")
 
 WORK = dict(n_prompts=64, batch_size=8, response_length=32, ppo_epochs=4, mini_batches=1, episodes=128,
-            lora_r=16, lora_alpha=32, threads=2)
+            lora_r=16, lora_alpha=32, threads=2, num_generations=4)
+GROUP_MODES = ("grpo", "rloo")  # `rlchat grpo` / `rlchat rloo`: no value model, batch = 2 prompts x 4 generations
 # The peer's recorded figures (summary-2026-11-29.md, median of 3 runs, same 2-vCPU VM class, threads = 2)
 PEER_RECORDED = {"full": {"episodes_per_s": 2.58, "peak_rss_mib": 1230, "s_per_update": 3.082},
                  "lora": {"episodes_per_s": 2.76, "peak_rss_mib": 1102, "s_per_update": 2.871}}
@@ -176,27 +177,34 @@ def child(mode: str, out_json: Path, info: dict, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from rlchat.config import PPOConfig, resolve
+    from rlchat.config import STAGE_CONFIGS, resolve
     from rlchat.stages import ppo
 
     run_dir = RESULTS / f"run-{mode}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     shutil.copytree(info["run_template"], run_dir)
-    cfg = resolve(PPOConfig, "ppo", None, dict(
+    stage = mode.split("-")[0] if mode.startswith(GROUP_MODES) else "ppo"  # grpo / rloo: their own commands
+    settings = dict(
         run_dir=str(run_dir), model=info["model"], dataset=info["prompts"], seed=0,
         batch_size=WORK["batch_size"], mini_batches=WORK["mini_batches"], ppo_epochs=WORK["ppo_epochs"],
         episodes=WORK["episodes"], response_length=WORK["response_length"], temperature=1.0,
         lora_r=WORK["lora_r"], lora_alpha=WORK["lora_alpha"], lora_dropout=0.0, save_every=10_000,
-        sample_every=10_000, separate_models=mode.startswith("separate"), full=mode.startswith("full")))
+        sample_every=10_000)
+    if stage == "ppo":
+        settings.update(separate_models=mode.startswith("separate"), full=mode.startswith("full"))
+    else:  # the same batch of 8 responses: 2 prompts x 4 generations
+        settings.update(num_generations=WORK["num_generations"])
+    cfg = resolve(STAGE_CONFIGS[stage], stage, None, settings)
     if mode.startswith("critic"):  # shared base + shared critic (the value head on the policy's hidden states)
         cfg.value_model = "policy"
     if mode.endswith("-gc"):  # e.g. critic-gc, shared-gc: with gradient checkpointing
         cfg.gradient_checkpointing = True
+    load_start = os.getloadavg()[0]  # the machine is shared: the 1-minute load average, as `uptime` shows it
     t0 = time.perf_counter()
     final = ppo.run(cfg)
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
     step_s = [WORK["batch_size"] / r["episodes_per_s"] for r in rows]
     gen_s = sum(r["time/generation_s"] for r in rows)
     score_s = sum(r["time/scoring_s"] for r in rows)
@@ -206,7 +214,7 @@ def child(mode: str, out_json: Path, info: dict, threads: int) -> None:
 
     mcfg = AutoConfig.from_pretrained(info["model"])
     flops = update_flops(rows, mcfg, mode.startswith("full"), WORK["batch_size"],
-                         value_pass=not mode.startswith("critic"))
+                         value_pass=not mode.startswith(("critic",) + GROUP_MODES))
     res = {
         "mode": mode, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "episodes": final["episodes"], "steps": final["steps"],
@@ -221,6 +229,7 @@ def child(mode: str, out_json: Path, info: dict, threads: int) -> None:
         "mean_response_length": sum(r["response/length"] for r in rows) / len(rows),
         "stage_wall_s": wall, "trainable_params": final["trainable_params"], "total_params": final["total_params"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     out_json.write_text(json.dumps(res, indent=1))
 
@@ -253,6 +262,7 @@ def run_peer(threads: int, repeats: int = 1) -> dict | None:
         for mode in ("full", "lora"):
             time_file = results / "time" / f"ppo_small_{mode}_{rep}.txt"
             print(f"[peer {mode} #{rep}] {py} ppo_bench.py --size small --mode {mode} --run {rep}", flush=True)
+            load_start = os.getloadavg()[0]
             proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_file), str(py), "ppo_bench.py", "--size",
                                    "small", "--mode", mode, "--run", str(rep)], cwd=PEER_DIR, env=env,
                                   capture_output=True, text=True)
@@ -265,7 +275,8 @@ def run_peer(threads: int, repeats: int = 1) -> dict | None:
             runs.setdefault(mode, []).append({
                 "episodes_per_s": r["episodes_per_s"], "peak_rss_mib": int(m.group(1)) / 1024 if m else None,
                 "s_per_update": r["s_per_update_median"], "gen_share": r["gen_share"], "threads": r["threads"],
-                "episodes_per_s_median_step": r["batch_size"] / r["s_per_update_median"]})
+                "episodes_per_s_median_step": r["batch_size"] / r["s_per_update_median"],
+                "load": [round(load_start, 2), round(os.getloadavg()[0], 2)]})
             print(json.dumps(runs[mode][-1]), flush=True)
     return {mode: sorted(rs, key=lambda r: r["episodes_per_s"])[len(rs) // 2] for mode, rs in runs.items()} or None
 
@@ -277,17 +288,20 @@ def table(results: dict, peer: dict | None) -> str:
             return r["episodes_per_s_median_step"]
         return WORK["batch_size"] / r["s_per_update"] if "s_per_update" in r else float("nan")
 
+    def load(r):  # 1-minute load average at the start and end of the run (the machine is shared)
+        return "/".join(f"{x:.1f}" for x in r["load"]) if r.get("load") else ""
+
     lines = ["| run | episodes/s | episodes/s (median step) | peak RSS MiB | gen s | scoring s | training s | "
-             "gen tok/s | update GFLOP/s | trainable params |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "gen tok/s | update GFLOP/s | trainable params | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         lines.append(f"| rlchat {mode} | {r['episodes_per_s']:.2f} | {eps_median(r):.2f} | {r['peak_rss_mib']:.0f} | "
                      f"{r['generation_s']:.1f} | {r['scoring_s']:.1f} | {r['training_s']:.1f} | "
                      f"{r['generated_tokens_per_s'] or 0:.0f} | {r['update_gflop_per_s'] or 0:.1f} | "
-                     f"{r['trainable_params'] / 1e6:.2f}M |")
+                     f"{r['trainable_params'] / 1e6:.2f}M | {load(r)} |")
     for name, src in (("peer, this session", peer), ("peer, recorded", PEER_RECORDED)):
         for mode, r in (src or {}).items():
             lines.append(f"| {name}: TRL {mode} | {r['episodes_per_s']:.2f} | {eps_median(r):.2f} | "
-                         f"{r['peak_rss_mib'] or 0:.0f} | | | | | | |")
+                         f"{r['peak_rss_mib'] or 0:.0f} | | | | | | | {load(r)} |")
     ref = (peer or PEER_RECORDED)["full"]
     which = "this session" if peer else "recorded"
     lines.append("")
@@ -327,8 +341,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="shared,separate,critic",
                     help="comma-separated: shared (one base, value adapter), separate (four models), critic (one "
-                         "base, value head on the policy), full (four models, all weights trained); a -gc suffix "
-                         "adds gradient checkpointing (shared-gc, critic-gc)")
+                         "base, value head on the policy), full (four models, all weights trained), grpo and rloo "
+                         "(rlchat grpo / rloo: no value model, 2 prompts x 4 generations per batch); a -gc suffix "
+                         "adds gradient checkpointing (shared-gc, critic-gc, grpo-gc)")
     ap.add_argument("--threads", type=int, default=WORK["threads"])
     ap.add_argument("--repeats", type=int, default=1, help="runs per mode (interleaved); the median is reported")
     ap.add_argument("--peer", action="store_true", help="also run the peer's ppo_bench.py (small, full and LoRA) in "

@@ -80,6 +80,7 @@ class ActorCritic(nn.Module):
     value_head: nn.Linear
     reward_head: nn.Linear | None
     shared_critic = False  # True: the value head reads the policy's hidden states (no value adapter)
+    has_critic = True  # False (grpo/rloo): no value model; the frozen zero head's values are 0 and never saved
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -404,7 +405,7 @@ def add_lora_adapter(peft_model, name: str, lora_kwargs: dict, weights: dict | N
 
 
 def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: float = 1.0,
-                 shared_critic: bool = False) -> SharedBase:
+                 shared_critic: bool = False, critic: bool = True) -> SharedBase:
     """The shared-base ActorCritic on `base_lm` (which it wraps in place).
 
     policy_lora: a peft LoraConfig for the policy adapter. reward: None, or {"lora_kwargs", "lora", "head"} from
@@ -412,9 +413,11 @@ def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: 
     otherwise the value adapter is a fresh LoRA like the policy's and the value head starts at 0).
     shared_critic: no value adapter; the value head (starting at 0) reads the policy adapter's hidden states, so
     one pass trains both (about half the training compute; the value loss then also shapes the policy's LoRA).
+    critic=False (grpo/rloo): no value model (as shared_critic, the zero head frozen): one pass per training step.
     """
     from peft import get_peft_model
 
+    shared_critic = shared_critic or not critic  # no value adapter
     policy_lora = copy.deepcopy(policy_lora)
     policy_lora.task_type = "CAUSAL_LM"
     peft_model = get_peft_model(base_lm, policy_lora, adapter_name=POLICY)
@@ -436,6 +439,9 @@ def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: 
         add_lora_adapter(peft_model, VALUE, value_kwargs)
         value_head = make_head(hidden_size, dtype=dtype)
     model = SharedBase(peft_model, value_head, reward_head, temperature, shared_critic=shared_critic)
+    if not critic:  # the zero head is never trained nor saved
+        model.value_head.requires_grad_(False)
+        model.has_critic = False
     return model.to(device)
 
 

@@ -162,6 +162,20 @@ STAGE_COMMANDS = {
         "PPO on one shared base model with LoRA adapters for policy, value and reward.",
         "rlchat ppo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512",
     ),
+    # grpo and rloo run the PPO stage's loop (one module: checkpoints, resume, rewards, multi-process) with the
+    # group advantages of rlchat/group_step.py; each writes its own stage directory RUN/grpo/, RUN/rloo/
+    "grpo": (
+        "grpo",
+        "rlchat.stages.ppo",
+        "GRPO: several responses per prompt, advantage = (reward - group mean) / group std; no value model.",
+        "rlchat grpo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512 --num-generations 4",
+    ),
+    "rloo": (
+        "rloo",
+        "rlchat.stages.ppo",
+        "RLOO: several responses per prompt, each baselined by the mean reward of the others; no value model.",
+        "rlchat rloo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512 --num-generations 4",
+    ),
     "dpo": (
         "dpo",
         "rlchat.stages.dpo",
@@ -256,7 +270,8 @@ def _field_options(cls) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(cls)
     common = {f.name for f in dataclasses.fields(TrainConfig)}
     params = []
-    for f in dataclasses.fields(cls):
+    hidden = getattr(cls, "PPO_ONLY", ())  # grpo/rloo: PPO's value-model and GAE fields are not theirs
+    for f in (f for f in dataclasses.fields(cls) if f.name not in hidden):
         typ = _option_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if typ is bool else [flag]

@@ -40,7 +40,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 # the command that runs each stage (for "see `rlchat train-reward --help`")
-STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval", "dpo": "dpo"}
+STAGE_COMMAND = {"sft": "sft", "reward": "train-reward", "ppo": "ppo", "eval": "eval", "grpo": "grpo",
+                 "rloo": "rloo", "dpo": "dpo"}
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # TRL DPOTrainer loss_type values offered
 
 
@@ -314,6 +315,59 @@ class PPOConfig(RunConfig):
 
 
 @dataclass
+class GroupConfig(PPOConfig):
+    """Critic-free RL (grpo, rloo) on the PPO loop: num_generations responses per prompt, group advantages, no value
+    model. PPO_ONLY fields (value model, GAE) are no flags of these commands; a recipe section setting one is refused.
+    """
+
+    PPO_ONLY: typing.ClassVar[tuple] = ("gamma", "lam", "cliprange_value", "vf_coef", "whiten_rewards", "value_model",
+                                        "separate_models", "full")
+    stage: typing.ClassVar[str] = "grpo"
+    batch_size: int = _like(PPOConfig, "batch_size", help="responses generated per step: batch_size / "
+                            "num_generations prompts, num_generations responses each (per process)")
+    num_generations: int = _f(4, "responses sampled per prompt (the group whose rewards make the baseline)", gt=0)
+    kl_in: str = _f("loss", "where the KL to the reference (the base, adapter off) goes: 'loss' = kl_coef x k3 per "
+                            "token in the loss (GRPO); 'reward' = kl_coef x sum of k1 subtracted from each "
+                            "response's reward before the group baseline (RLOO)", choices=("loss", "reward"))
+
+    def _cross_checks(self, bad: set[str]) -> list[str]:
+        out = super()._cross_checks(bad)
+        defaults = PPOConfig()
+        out += [f"{k} is a PPO setting ({self.stage} has no value model and no GAE): drop it" for k in self.PPO_ONLY
+                if getattr(self, k) != getattr(defaults, k)]
+        G = self.num_generations
+        if bad & {"num_generations", "batch_size"}:
+            pass
+        elif G < 2:
+            out.append(f"num_generations is {G}: {self.stage} compares each response with the others to the same "
+                       f"prompt, so it needs at least 2 (e.g. --num-generations 4)")
+        elif self.batch_size % G:
+            out.append(f"batch_size ({self.batch_size}) is not divisible by num_generations ({G}): a step samples "
+                       f"{G} responses for each of batch_size / {G} prompts; batch_size could be "
+                       f"{_choices_text([G * k for k in range(1, 5)])}")
+        return out
+
+
+@dataclass
+class GRPOConfig(GroupConfig):
+    """GRPO (Shao et al. 2024): advantage = (reward - group mean) / group std; KL as a k3 loss term by default."""
+
+    kl_coef: float = _like(PPOConfig, "kl_coef", 0.04, help="KL coefficient (GRPO's beta; 0.04 as in "
+                           "DeepSeekMath); the starting value when target_kl is set")
+    scale_rewards: bool = _f(True, "divide each reward's distance to its group mean by the group's std (GRPO); "
+                                   "--no-scale-rewards keeps the plain difference (Dr. GRPO, TRL's "
+                                   "scale_rewards=False)")
+
+
+@dataclass
+class RLOOConfig(GroupConfig):
+    """RLOO (Ahmadian et al. 2024): advantage = reward - mean of the other responses' rewards; KL in the reward."""
+
+    stage: typing.ClassVar[str] = "rloo"
+    kl_in: str = _like(GroupConfig, "kl_in", "reward")
+
+
+@dataclass
 class EvalConfig(RunConfig):
     """Compare the run's policies on held-out prompts: win rates, scores, KL, response lengths."""
 
@@ -342,7 +396,7 @@ def _choices_text(values: list[int]) -> str:
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig,
-                                  "dpo": DPOConfig}
+                                   "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig}
 
 
 # ---- resolve --------------------------------------------------------------------------------------------------
@@ -406,6 +460,8 @@ def resolve(stage_cls: type | None, stage: str, recipe: str | Path | None = None
         top = f"{recipe} (top level)"
         for key, val in data.items():
             if key in STAGE_CONFIGS:
+                continue
+            if key in getattr(stage_cls, "PPO_ONLY", ()):  # grpo/rloo have no value model: PPO's keys are not theirs
                 continue
             if key in names and stage in TOP_LEVEL_ONLY_FOR.get(key, (stage,)):
                 given[key] = (val, top)

@@ -31,7 +31,7 @@ KNOWN_CONFIGS = {
                                     vocab_size=128256, tie_word_embeddings=True, head_dim=64),
 }
 
-STAGE_SECTIONS = ("sft", "reward", "ppo", "dpo", "eval")
+STAGE_SECTIONS = ("sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval")
 
 
 def _model_config(spec: str, trust_remote_code: bool = False):

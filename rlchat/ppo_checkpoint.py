@@ -4,7 +4,8 @@ A checkpoint is written atomically (`rlchat.fileio.atomic_dir`) every `save_ever
 `KEEP_CHECKPOINTS` are kept:
 
     step-N/policy/          the policy adapter (PEFT format; `--full`: model.safetensors)
-    step-N/value/           the value adapter (or value_model.json for a shared critic) + value_head.safetensors
+    step-N/value/           the value adapter (or value_model.json for a shared critic) + value_head.safetensors;
+                            absent for grpo/rloo (no value model: RUN/<stage>/checkpoints/step-N/)
     step-N/optimizer.pt     optimizer and scheduler state dicts (torch.save; loaded with weights_only=True)
     step-N/scheduler.pt
     step-N/rng.pt           torch (and CUDA) RNG states of process 0; rng-R.pt for process R > 0
@@ -119,7 +120,8 @@ def load_weights(model, src: Path) -> None:
         load_adapter(model.peft_for(POLICY), POLICY, src / "policy")
         if not model.shared_critic:
             load_adapter(model.peft_for(VALUE), VALUE, src / "value")
-    model.value_head.load_state_dict(load_file(str(src / "value" / "value_head.safetensors")))
+    if model.has_critic:
+        model.value_head.load_state_dict(load_file(str(src / "value" / "value_head.safetensors")))
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -167,9 +169,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
         state = {**state, "rng_ranks": [p for p, _ in rngs]}
     with atomic_dir(final) as tmp:
         (tmp / "policy").mkdir()
-        (tmp / "value").mkdir()
         save_policy(model, tmp / "policy", base_name)
-        save_value(model, tmp / "value", base_name)
+        if model.has_critic:
+            (tmp / "value").mkdir()
+            save_value(model, tmp / "value", base_name)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(tensors, tmp / "rng.pt")

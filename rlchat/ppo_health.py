@@ -173,9 +173,12 @@ def check_health(rows: list[dict], lr: float | None = None, response_length: int
 
 
 def check_health_cfg(rows: list[dict], cfg) -> list[Finding]:
-    """check_health with the settings of a PPOConfig."""
-    return check_health(rows, lr=cfg.lr, response_length=cfg.response_length, target_kl=cfg.target_kl,
-                        missing_eos_penalty=cfg.missing_eos_penalty)
+    """check_health with the settings of a PPOConfig (or grpo/rloo's GroupConfig)."""
+    found = check_health(rows, lr=cfg.lr, response_length=cfg.response_length, target_kl=cfg.target_kl,
+                         missing_eos_penalty=cfg.missing_eos_penalty)
+    if getattr(cfg, "ppo_epochs", 0) * getattr(cfg, "mini_batches", 0) == 1:  # one optimizer step per batch, after
+        found = [f for f in found if f.check != "not_moving"]  # approx_kl and clipfrac are measured: always 0
+    return found
 
 
 class HealthMonitor:

@@ -94,17 +94,21 @@ def finish(cfg, inp, s, loop, t_start: float, health=None) -> dict:
     from rlchat.ppo_checkpoint import save_policy, save_value
     from rlchat.fileio import atomic_dir
 
-    stage_dir, base, history = loop.stage_dir, inp.base, loop.history
-    outputs = {"kind": "full" if cfg.full else "lora", "policy": "ppo/policy", "value": "ppo/value",
-               "tokenizer": "ppo/tokenizer", "base": base.name, "base_hash": base.hash,
-               "metrics": "ppo/metrics.jsonl", "samples": "ppo/samples.jsonl"}
+    stage_dir, base, history, stage = loop.stage_dir, inp.base, loop.history, inp.stage
+    critic = s.core.has_critic  # grpo/rloo have no value model: no value/
+    outputs = {"kind": "full" if cfg.full else "lora", "policy": f"{stage}/policy", "value": f"{stage}/value",
+               "tokenizer": f"{stage}/tokenizer", "base": base.name, "base_hash": base.hash,
+               "metrics": f"{stage}/metrics.jsonl", "samples": f"{stage}/samples.jsonl"}
+    if not critic:
+        del outputs["value"]
     if inp.heldout is not None and (stage_dir / "best").is_dir():
-        outputs["best"] = "ppo/best"
+        outputs["best"] = f"{stage}/best"
     if s.is_main:
         with atomic_dir(stage_dir / "policy") as tmp:
             save_policy(s.core, tmp, adapter_base(cfg, inp))
-        with atomic_dir(stage_dir / "value") as tmp:
-            save_value(s.core, tmp, adapter_base(cfg, inp))
+        if critic:
+            with atomic_dir(stage_dir / "value") as tmp:
+                save_value(s.core, tmp, adapter_base(cfg, inp))
         with atomic_dir(stage_dir / "tokenizer") as tmp:
             inp.tokenizer.save_pretrained(str(tmp))
     k = max(1, min(5, len(history["scores"]) // 5))
@@ -120,7 +124,7 @@ def finish(cfg, inp, s, loop, t_start: float, health=None) -> dict:
         "trainable_params": n_trainable,
         "total_params": n_total,
         "shared_base": not (cfg.separate_models or cfg.full),
-        "value_model": cfg.value_model,
+        "value_model": cfg.value_model if critic else None,
         "processes": s.world,
         "resumed_from": inp.resume_from.name if inp.resume_from else None,
         "wall_s": round(wall, 1),
@@ -133,7 +137,9 @@ def finish(cfg, inp, s, loop, t_start: float, health=None) -> dict:
             values = [r[key] for r in health.rows if key in r] if health is not None else []
             if values:
                 metrics[f"{key}_last"] = values[-1]
-    inp.run.finish_stage("ppo", metrics=metrics, outputs=outputs)
+    if not critic:
+        metrics["num_generations"] = cfg.num_generations
+    inp.run.finish_stage(stage, metrics=metrics, outputs=outputs)
     what = "policy model" if cfg.full else "policy adapter"
     metrics["summary"] = (
         f"score {metrics['score_start']:.3f} -> {metrics['score']:.3f} (mean of the first/last {k} steps), "

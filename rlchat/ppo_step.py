@@ -96,9 +96,9 @@ class StepOutput:
 
     ro: object                  # rollout.Rollout, `scores` filled in
     parts: dict                 # the score of each source {"model": (B,), "fn": (B,)}
-    rewards: object             # (B, R) per-token rewards
+    rewards: object             # (B, R) per-token rewards; grpo/rloo: (B, 1) the reward of each response
     kl: object                  # (B, R) per-token KL to the reference
-    returns: object             # (B, R) GAE returns
+    returns: object             # (B, R) GAE returns; None for grpo/rloo (no value model)
     stats: dict                 # ppo_update's averaged losses and fractions
     kl_coef: float              # the KL coefficient of this step's rewards
     times: tuple                # perf_counter at the start, after sampling, after scoring, after training
@@ -119,7 +119,7 @@ def ppo_step(cfg, s: PPOSetup) -> StepOutput:
     from rlchat.ppo_update import ppo_update
 
     t0 = time.perf_counter()
-    ro, parts, t1 = _rollout_and_score(cfg, s)  # steps 1-4
+    ro, parts, t1 = rollout_and_score(cfg, s)  # steps 1-4
     t2 = time.perf_counter()
 
     kl_coef = s.kl_ctl.value
@@ -148,8 +148,10 @@ def advantages_and_returns(cfg, ro, kl_coef: float, reduce=None):
     return rewards_t, kl, advantages, returns
 
 
-def _rollout_and_score(cfg, s: PPOSetup):
-    """Steps 1-4: (the rollout with its final scores, the score of each source, perf_counter after sampling)."""
+def rollout_and_score(cfg, s: PPOSetup, repeat: int = 1):
+    """Steps 1-4: (the rollout with its final scores, the score of each source, perf_counter after sampling).
+
+    repeat > 1 (grpo/rloo): batch_size / repeat prompts, each taken `repeat` times in consecutive rows (a group)."""
     import torch
 
     from rlchat import rewards
@@ -157,8 +159,8 @@ def _rollout_and_score(cfg, s: PPOSetup):
     from rlchat.rollout import score_rollout
 
     # 1. take a batch of prompts (each process its own share of the global batch)
-    rows = s.sampler.next(cfg.batch_size * s.world)[s.accelerator.process_index::s.world]
-    batch = [s.prompts[i] for i in rows]
+    rows = s.sampler.next(cfg.batch_size // repeat * s.world)[s.accelerator.process_index::s.world]
+    batch = [s.prompts[i] for i in rows for _ in range(repeat)]
     pad_id = s.tokenizer.pad_token_id
     prompt_ids, prompt_mask = left_pad([p.ids for p in batch], pad_id, s.accelerator.device)  # (B, P)
 
@@ -213,8 +215,9 @@ def step_metrics(s: PPOSetup, loop: LoopState, out: StepOutput) -> dict:
         "objective/kl": mean_kl,
         "objective/entropy": acc.reduce(pm.masked_mean(ro.entropy, ro.response_mask), "mean").item(),
         **{k: acc.reduce(torch.tensor(v, device=ro.prompt_ids.device), "mean").item() for k, v in out.stats.items()},
-        "value/explained_variance": pm.explained_variance(ro.values, out.returns, ro.response_mask,
-                                                          reduce=s.reduce).item(),
+        **({} if out.returns is None else {  # grpo/rloo have no value model
+            "value/explained_variance": pm.explained_variance(ro.values, out.returns, ro.response_mask,
+                                                              reduce=s.reduce).item()}),
         "response/length": acc.reduce(ro.lengths.float().mean(), "mean").item(),
         "response/eos_rate": acc.reduce(ro.has_eos.float().mean(), "mean").item(),
         "lr": s.scheduler.get_last_lr()[0],

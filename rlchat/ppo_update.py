@@ -35,68 +35,88 @@ def ppo_update(cfg, model, optimizer, scheduler, accelerator, trainable, ro, adv
     from rlchat.actor_critic import POLICY, POLICY_AND_VALUE, VALUE
 
     core_of = accelerator.unwrap_model
-    B = len(ro)
-    mini = B // cfg.mini_batches
-    micro = mini // cfg.grad_accum
     sums = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0,
             "value/clipfrac": 0.0}
-    n, n_updates = 0, 0  # micro-batches (for the per-micro-batch fractions), optimizer steps (for the losses)
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B)
-        for m in range(cfg.mini_batches):
-            mb = order[m * mini:(m + 1) * mini]
-            n_tokens = ro.response_mask[mb.to(ro.response_mask.device)].sum().float()
-            world = 1
-            if reduce is not None:
-                n_tokens, world = reduce(n_tokens), accelerator.num_processes
-            denom = (n_tokens / world).clamp(min=1.0 / world)
-            for a in range(cfg.grad_accum):
-                idx = mb[a * micro:(a + 1) * micro].to(ro.prompt_ids.device)
-                cols = _trim(ro, idx)
-                p_ids, p_mask, r_ids, r_mask = cols
-                input_ids = torch.cat([p_ids, r_ids], dim=1)  # (b, T')
-                attention_mask = torch.cat([p_mask, r_mask], dim=1)  # (b, T')
-                R = r_ids.shape[1]
-                if core_of(model).shared_critic:
-                    # one pass: the value head reads the policy's hidden states
-                    new_logprobs, new_values = model(input_ids, attention_mask, r_ids, POLICY_AND_VALUE)
-                    pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
-                                                             advantages[idx, :R], r_mask, cfg.cliprange, denom)
-                    vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
-                                                  cfg.cliprange_value, denom)
-                    _check_loss(pl, "policy")
-                    _check_loss(vl, "value")
-                    accelerator.backward(pl + cfg.vf_coef * vl)
-                else:
-                    # policy, then value: one role's activations at a time (their parameters are disjoint, so
-                    # two backward passes give the gradient of policy_loss + vf_coef * value_loss)
-                    new_logprobs = model(input_ids, attention_mask, r_ids, POLICY)  # (b, R')
-                    pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
-                                                             advantages[idx, :R], r_mask, cfg.cliprange, denom)
-                    _check_loss(pl, "policy")
-                    accelerator.backward(pl)
-                    del new_logprobs
-                    new_values = model(input_ids, attention_mask, r_ids, VALUE)  # (b, R')
-                    vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
-                                                  cfg.cliprange_value, denom)
-                    _check_loss(vl, "value")
-                    accelerator.backward(cfg.vf_coef * vl)
-                    del new_values
-                sums["loss/policy"] += pl.item()  # micro-batch parts of the minibatch's token mean: they add up
-                sums["loss/value"] += vl.item()
-                sums["policy/clipfrac"] += clipfrac.item()
-                sums["policy/approx_kl"] += approx_kl.item()
-                sums["value/clipfrac"] += vclipfrac.item()
-                n += 1
-            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_updates += 1
-    return {k: v / max(n_updates if k.startswith("loss/") else n, 1) for k, v in sums.items()}
+    n = 0  # micro-batches (for the per-micro-batch fractions); the losses are per optimizer step
+    batches = MicroBatches(cfg, ro, accelerator, optimizer, scheduler, trainable, reduce)
+    for idx, (p_ids, p_mask, r_ids, r_mask), denom in batches:
+        input_ids = torch.cat([p_ids, r_ids], dim=1)  # (b, T')
+        attention_mask = torch.cat([p_mask, r_mask], dim=1)  # (b, T')
+        R = r_ids.shape[1]
+        if core_of(model).shared_critic:
+            # one pass: the value head reads the policy's hidden states
+            new_logprobs, new_values = model(input_ids, attention_mask, r_ids, POLICY_AND_VALUE)
+            pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
+                                                     advantages[idx, :R], r_mask, cfg.cliprange, denom)
+            vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
+                                          cfg.cliprange_value, denom)
+            check_loss(pl, "policy")
+            check_loss(vl, "value")
+            accelerator.backward(pl + cfg.vf_coef * vl)
+        else:
+            # policy, then value: one role's activations at a time (their parameters are disjoint, so
+            # two backward passes give the gradient of policy_loss + vf_coef * value_loss)
+            new_logprobs = model(input_ids, attention_mask, r_ids, POLICY)  # (b, R')
+            pl, clipfrac, approx_kl = pm.policy_loss(new_logprobs, ro.logprobs[idx, :R],
+                                                     advantages[idx, :R], r_mask, cfg.cliprange, denom)
+            check_loss(pl, "policy")
+            accelerator.backward(pl)
+            del new_logprobs
+            new_values = model(input_ids, attention_mask, r_ids, VALUE)  # (b, R')
+            vl, vclipfrac = pm.value_loss(new_values, ro.values[idx, :R], returns[idx, :R], r_mask,
+                                          cfg.cliprange_value, denom)
+            check_loss(vl, "value")
+            accelerator.backward(cfg.vf_coef * vl)
+            del new_values
+        sums["loss/policy"] += pl.item()  # micro-batch parts of the minibatch's token mean: they add up
+        sums["loss/value"] += vl.item()
+        sums["policy/clipfrac"] += clipfrac.item()
+        sums["policy/approx_kl"] += approx_kl.item()
+        sums["value/clipfrac"] += vclipfrac.item()
+        n += 1
+    return {k: v / max(batches.updates if k.startswith("loss/") else n, 1) for k, v in sums.items()}
 
 
-def _check_loss(loss, which: str) -> None:
+class MicroBatches:
+    """Iterate (idx, (prompt_ids, prompt_mask, response_ids, response_mask), denominator) over every micro-batch of
+    ppo_epochs passes x mini_batches shuffled minibatches x grad_accum micro-batches of a rollout; after the last
+    micro-batch of each minibatch (the caller has run its backward passes) clip the gradient norm and step the
+    optimizer and scheduler. `denominator` is the minibatch's response-token count over all processes divided by
+    the number of processes (see ppo_update); `updates` counts the optimizer steps taken.
+    Used by ppo_update and by grpo/rloo's group_update (rlchat/group_step.py)."""
+
+    def __init__(self, cfg, ro, accelerator, optimizer, scheduler, trainable, reduce=None):
+        self.cfg, self.ro, self.accelerator, self.reduce = cfg, ro, accelerator, reduce
+        self.optimizer, self.scheduler, self.trainable = optimizer, scheduler, trainable
+        self.updates = 0
+
+    def __iter__(self):
+        import torch
+
+        cfg, ro = self.cfg, self.ro
+        B = len(ro)
+        mini = B // cfg.mini_batches
+        micro = mini // cfg.grad_accum
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B)
+            for m in range(cfg.mini_batches):
+                mb = order[m * mini:(m + 1) * mini]
+                n_tokens = ro.response_mask[mb.to(ro.response_mask.device)].sum().float()
+                world = 1
+                if self.reduce is not None:
+                    n_tokens, world = self.reduce(n_tokens), self.accelerator.num_processes
+                denom = (n_tokens / world).clamp(min=1.0 / world)
+                for a in range(cfg.grad_accum):
+                    idx = mb[a * micro:(a + 1) * micro].to(ro.prompt_ids.device)
+                    yield idx, _trim(ro, idx), denom
+                self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.updates += 1
+
+
+def check_loss(loss, which: str) -> None:
     import torch
 
     if not torch.isfinite(loss):

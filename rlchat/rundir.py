@@ -46,7 +46,7 @@ from rlchat.pids import holder_alive, pid_start
 
 log = logging.getLogger("rlchat")
 
-STAGES = ("sft", "reward", "ppo", "dpo", "eval")
+STAGES = ("sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval")
 STATUSES = ("running", "done", "failed", "interrupted")  # interrupted: Ctrl-C or SIGTERM; the same command resumes
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 

@@ -25,6 +25,10 @@ MODE ppo_update --model DIR --grad-accum G [--lr LR]
     which the parameters after one Adam step hide, since that step is about lr * sign(gradient)).
     With more than one process the same update is also run with reduce=None (keys prefixed "noreduce/"): what
     `ppo_update` does when the caller forgets `reduce`.
+MODE group_update --model DIR --grad-accum G [--lr LR]
+    The same for grpo/rloo's `group_step.group_update`: the critic-free shared base (no value model), the fixed
+    rollout in groups of GROUP consecutive rows, process r holding the groups r::world (whole groups, as the stage
+    samples them), GRPO advantages of its own groups, one update with the k3 KL term in the loss.
 """
 from __future__ import annotations
 
@@ -60,6 +64,14 @@ def _torch():
 
 def rows_of(rank: int, world: int) -> list[int]:
     return list(range(B))[rank::world]
+
+
+GROUP = 2  # group_update: responses per prompt
+
+
+def group_rows_of(rank: int, world: int) -> list[int]:
+    """The rows of the groups rank::world: whole groups of GROUP consecutive rows (rank 0 of 2: 0, 1, 4, 5)."""
+    return [g * GROUP + j for g in range(B // GROUP)[rank::world] for j in range(GROUP)]
 
 
 # ---------------------------------------------------------------------------------------------------- whiten
@@ -103,9 +115,10 @@ def run_whiten(rank: int, world: int) -> dict:
 # ------------------------------------------------------------------------------------------------ ppo_update
 
 
-def build_model(model_dir: str):
+def build_model(model_dir: str, critic: bool = True):
     """The shared-base ActorCritic with every trainable weight drawn from a seeded generator (the same on every
-    process): policy != reference and a non-zero value head, so every parameter gets a gradient."""
+    process): policy != reference and a non-zero value head, so every parameter gets a gradient. critic=False:
+    grpo/rloo's model (no value model)."""
     torch = _torch()
     from rlchat import models
     from rlchat.actor_critic import build_shared
@@ -113,7 +126,7 @@ def build_model(model_dir: str):
     torch.manual_seed(0)
     tok = models.load_tokenizer(model_dir)
     lm = models.load_causal_lm(model_dir)
-    model = build_shared(lm, models.lora_config(4, 8, 0.0, "all-linear"), None, temperature=0.7)
+    model = build_shared(lm, models.lora_config(4, 8, 0.0, "all-linear"), None, temperature=0.7, critic=critic)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -192,10 +205,44 @@ def one_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int
     }
 
 
-def run_ppo_update(args, rank: int, world: int) -> dict:
-    out = one_update(args.model, args.grad_accum, args.lr, rank, world, True)
+def one_group_update(model_dir: str, grad_accum: int, lr: float, rank: int, world: int, use_reduce: bool) -> dict:
+    """Build, roll out whole groups, take one `group_update` step (GRPO advantages, KL in the loss)."""
+    torch = _torch()
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from rlchat import dist
+    from rlchat import group_math as gm
+    from rlchat.config import GRPOConfig
+    from rlchat.group_step import group_update
+
+    cfg = GRPOConfig(run_dir="unused", ppo_epochs=1, mini_batches=1, grad_accum=grad_accum, batch_size=B, lr=lr,
+                     num_generations=GROUP)
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    model, tok = build_model(model_dir, critic=False)
+    ro = fixed_rollout(model, tok, group_rows_of(rank, world))
+    advantages = gm.token_advantages(gm.grpo_advantages(ro.scores, GROUP), ro.response_mask)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / 10))
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    s = SimpleNamespace(model=prepared, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
+                        trainable=trainable, reduce=dist.all_sum if world > 1 and use_reduce else None)
+    torch.manual_seed(5)  # the minibatch order comes from the global RNG
+    stats = group_update(cfg, s, ro, advantages, kl_coef=0.5)
+    state = optimizer.optimizer.state if hasattr(optimizer, "optimizer") else optimizer.state
+    return {"stats": stats, "tokens": int(ro.response_mask.sum()), "rows": group_rows_of(rank, world),
+            "params": {n: p.detach().clone() for n, p in zip(names, trainable)},
+            "exp_avg": {n: state[p]["exp_avg"].detach().clone() for n, p in zip(names, trainable)}}
+
+
+def run_update(one, args, rank: int, world: int) -> dict:
+    """`one` (one_update / one_group_update) with reduce, and with more than one process also without it."""
+    out = one(args.model, args.grad_accum, args.lr, rank, world, True)
     if world > 1:
-        no = one_update(args.model, args.grad_accum, args.lr, rank, world, False)
+        no = one(args.model, args.grad_accum, args.lr, rank, world, False)
         out.update({f"noreduce/{k}": v for k, v in no.items()})
     return out
 
@@ -205,7 +252,7 @@ def run_ppo_update(args, rank: int, world: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["whiten", "ppo_update"])
+    parser.add_argument("mode", choices=["whiten", "ppo_update", "group_update"])
     parser.add_argument("outdir")
     parser.add_argument("--model")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -224,7 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         PartialState(cpu=not torch.cuda.is_available())
     rank, world = dist.rank(), dist.world_size()
-    out = run_whiten(rank, world) if args.mode == "whiten" else run_ppo_update(args, rank, world)
+    if args.mode == "whiten":
+        out = run_whiten(rank, world)
+    else:
+        out = run_update(one_update if args.mode == "ppo_update" else one_group_update, args, rank, world)
     out["world"] = world
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
     torch.save(out, Path(args.outdir) / f"rank-{rank}.pt")

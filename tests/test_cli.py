@@ -16,8 +16,8 @@ from rlchat.cli import app
 from tests.conftest import snapshot
 
 runner = CliRunner()
-COMMANDS = ["sft", "train-reward", "ppo", "dpo", "eval", "status", "new-model", "import-gguf", "demo-data", "plan", "export",
-            "chat", "report", "score"]
+COMMANDS = ["sft", "train-reward", "ppo", "grpo", "rloo", "dpo", "eval", "status", "new-model", "import-gguf",
+            "demo-data", "plan", "export", "chat", "report", "score"]
 
 
 def invoke(*args):
@@ -41,7 +41,7 @@ def test_root_help_lists_subcommands():
     assert sorted(listed) == sorted(COMMANDS), listed
 
 
-@pytest.mark.parametrize("cmd", ["sft", "train-reward", "ppo", "dpo"])
+@pytest.mark.parametrize("cmd", ["sft", "train-reward", "ppo", "grpo", "rloo", "dpo"])
 def test_training_commands_take_lr_as_a_flag(cmd):
     import typer
 

@@ -669,6 +669,19 @@ print(json.dumps({k: v for k, v in ppo.run(cfg).items() if k != "summary"}))
 """
 
 
+def kill_after_checkpoint(runner: str, args: str, ckpts: Path, name: str = "step-4", env: dict | None = None):
+    """Start `python -c runner args` and SIGKILL it as soon as checkpoint `name` exists in `ckpts` (the same
+    harness for ppo and grpo/rloo: tests/test_group_stage.py)."""
+    proc = subprocess.Popen([sys.executable, "-c", runner, args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == name for p in ckpts.iterdir())):
+        assert proc.poll() is None, f"the run ended before checkpoint {name}"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_model, reward_run,
                                                                               demo_data):
@@ -686,15 +699,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     subprocess.run([sys.executable, "-c", RUNNER, args(ref)], env=env, check=True, capture_output=True, cwd=ROOT)
 
     run = fresh_run(reward_run, tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, args(run)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run / "ppo" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step-4" for p in ckpts.iterdir())):
-        assert proc.poll() is None, "the run ended before its second checkpoint"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(RUNNER, args(run), ckpts, "step-4", env)
     entry = json.loads((run / "run.json").read_text())["stages"]["ppo"]
     assert entry["status"] == "running"  # killed: nobody could record anything
     newest = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))

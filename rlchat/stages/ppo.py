@@ -78,8 +78,13 @@ python and numpy RNG states, per-step score history). Running the same command a
 resumes from the newest checkpoint and continues exactly as the uninterrupted run would have (same prompts, same
 samples, on the same hardware).
 
-Left out on purpose: sequence packing, vLLM-style fast generation, several responses per prompt (RLOO/GRPO),
-reward-model ensembles, an entropy bonus.
+`rlchat grpo` and `rlchat rloo` run this same stage (config.GroupConfig: stage_of(cfg) is "grpo" / "rloo") into
+RUN/grpo/, RUN/rloo/: the models without a value role (no value adapter; rollout rows policy, reference, reward),
+step 3's PPO step replaced by rlchat/group_step.py (num_generations responses per prompt, advantages from the group,
+one policy pass per micro-batch), no value/ output. Everything else here (validation, reward sources, checkpoints,
+exact resume, multi-process rules, metrics, held-out tracking, health checks) is the same code.
+
+Left out on purpose: sequence packing, vLLM-style fast generation, reward-model ensembles, an entropy bonus.
 
     rlchat ppo --run-dir runs/demo --dataset .demo/data/prompts.jsonl --episodes 512
 """
@@ -123,6 +128,7 @@ class Inputs:
     layout: dict                # the settings a checkpoint must have been saved with to be resumed
     resume_from: Path | None    # the newest complete checkpoint, when resuming
     heldout: object = None      # ppo_heldout.HeldOut with --eval-every (its prompts are not trained on), else None
+    stage: str = STAGE          # "ppo", or "grpo" / "rloo" (GroupConfig): the stage directory and manifest entry
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -135,8 +141,13 @@ def run(cfg) -> dict:
     Out-of-memory errors anywhere (building the models too, before the stage begins) are one line."""
     from rlchat.stages.common import oom_guard
 
-    with oom_guard(STAGE):
+    with oom_guard(stage_of(cfg)):
         return _run(cfg)
+
+
+def stage_of(cfg) -> str:
+    """The stage this config runs: "ppo", or "grpo" / "rloo" (config.GroupConfig: the same loop, critic-free)."""
+    return getattr(cfg, "stage", STAGE)
 
 
 def _run(cfg) -> dict:
@@ -149,7 +160,7 @@ def _run(cfg) -> dict:
     inp = _validate(cfg)  # 1. validate everything before the first write
     s = _build(cfg, inp)  # 2. build the models
     stage_dir = _begin(cfg, inp)  # the first write
-    with stage_lifecycle(inp.run, STAGE):
+    with stage_lifecycle(inp.run, inp.stage):
         loop = _start(cfg, inp, s, stage_dir)  # config.yaml, a killed run's leftovers, the checkpoint to resume
         health = health_monitor(cfg, stage_dir)  # rlchat/ppo_health.py, fed the rows a resumed run logged
         if inp.heldout is not None:
@@ -159,7 +170,7 @@ def _run(cfg) -> dict:
         with _reporting(cfg, s, loop) as report:
             while loop.step < s.total_steps:  # 3. the PPO loop
                 loop.step += 1
-                out = _ppo_step(cfg, s, loop)  # steps 1-7: prompts, sample, score, rewards, GAE, update
+                out = _ppo_step(cfg, s, loop)  # steps 1-7: prompts, sample, score, rewards, GAE (or groups), update
                 row = step_metrics(s, loop, out)  # step 8: KL controller, the metrics row
                 heldout_row(cfg, inp, s, loop, row)  # --eval-every: heldout/* into the row, RUN/ppo/best/
                 _write_step(cfg, inp, s, loop, out, row, report)  # step 8: log, samples, checkpoint
@@ -190,8 +201,8 @@ def _validate(cfg) -> Inputs:
         console.print("[yellow]ppo --full trains whole models: using separate policy, reference, value and reward "
                       "models[/]", highlight=False)
     check_report_to(cfg.report_to)
-    run = RunDir(cfg.run_dir)
-    mode = run.check_can_start(STAGE, cfg.overwrite)
+    run, stage = RunDir(cfg.run_dir), stage_of(cfg)
+    mode = run.check_can_start(stage, cfg.overwrite)
     if not cfg.model:
         run.require_done("sft", "train the SFT model first (`rlchat sft --run-dir RUN ...`), or pass --model to "
                                 "start PPO from any causal LM")
@@ -199,10 +210,12 @@ def _validate(cfg) -> Inputs:
     layout = {"separate_models": bool(cfg.separate_models), "full": bool(cfg.full), "value_model": cfg.value_model,
               "lora_r": cfg.lora_r, "lora_target_modules": cfg.lora_target_modules,
               "processes": dist.world_size()}  # a resume must use as many processes (batches are per process)
-    resume_from = last_checkpoint(run.checkpoints_dir(STAGE)) if mode == "resume" else None
+    if stage != STAGE:  # grpo/rloo: no value model; groups of num_generations responses
+        layout.update(algo=stage, num_generations=cfg.num_generations)
+    resume_from = last_checkpoint(run.checkpoints_dir(stage)) if mode == "resume" else None
     if resume_from is not None:
-        check_ppo_resumable(run, base, resume_from, layout)
-        check_ppo_resume_settings(run, cfg, resume_from)
+        check_ppo_resumable(run, base, resume_from, layout, stage)
+        check_ppo_resume_settings(run, cfg, resume_from, stage)
     quiet_libraries()
     from transformers.utils import logging as hf_logging
 
@@ -230,7 +243,7 @@ def _validate(cfg) -> Inputs:
                       f"the longest prompt ({longest} tokens) plus response_length ({cfg.response_length})",
                       f"lower --response-length or --max-prompt-length so that they add up to at most {positions}")
     return Inputs(run, mode, base, plan, base_lm, tokenizer, prompts, column, n_truncated, stop_ids, policy_lora,
-                  layout, resume_from, heldout)
+                  layout, resume_from, heldout, stage)
 
 
 def _check_lora_targets(base_lm, lora) -> None:
@@ -267,7 +280,7 @@ def _build(cfg, inp: Inputs) -> PPOSetup:
             model = build_separate(inp.base_lm, inp.policy_lora, reward_lora, cfg.temperature, full=cfg.full)
         else:
             model = build_shared(inp.base_lm, inp.policy_lora, reward_lora, cfg.temperature,
-                                 shared_critic=cfg.value_model == "policy")
+                                 shared_critic=cfg.value_model == "policy", critic=inp.stage == STAGE)
     except ValueError as err:
         raise ModelError(f"the reward adapter does not fit the policy's base model: {err}",
                          "retrain the reward model on this base (`rlchat train-reward --overwrite`), or pass "
@@ -327,7 +340,8 @@ def _begin(cfg, inp: Inputs) -> Path:
     if cfg.model:
         inputs["model"] = input_record(cfg.model, hash=False)  # the base's content hash is in inputs.base
     parent = inp.rewards.parent or (None if cfg.model else "sft")
-    return inp.run.begin_stage(STAGE, config=to_dict(cfg), inputs=inputs, parent=parent, overwrite=cfg.overwrite)
+    return inp.run.begin_stage(inp.stage, config=to_dict(cfg), inputs=inputs, parent=parent,
+                               overwrite=cfg.overwrite)
 
 
 def _start(cfg, inp: Inputs, s: PPOSetup, stage_dir: Path) -> LoopState:
@@ -367,13 +381,15 @@ def _start(cfg, inp: Inputs, s: PPOSetup, stage_dir: Path) -> LoopState:
         if s.is_main:
             truncate_jsonl(metrics_path, loop.step)
             truncate_jsonl(samples_path, loop.step)
-        console.print(f"[yellow]ppo: resuming from {resume_from.name} ({loop.episodes} episodes done)[/]",
+        console.print(f"[yellow]{inp.stage}: resuming from {resume_from.name} ({loop.episodes} episodes done)[/]",
                       highlight=False)
     held = "separate models" if cfg.separate_models or cfg.full else (
         "shared base, value head on the policy" if cfg.value_model == "policy" else "shared base")
+    if inp.stage != STAGE:
+        held = f"shared base, no value model, {cfg.num_generations} responses per prompt"
     truncated = f", {inp.n_truncated} truncated to {cfg.max_prompt_length} tokens" if inp.n_truncated else ""
     n_trainable, n_total = param_counts(s)
-    console.print(f"[bold]ppo[/] {len(inp.prompts)} prompts ('{inp.column}' column{truncated}); scored by "
+    console.print(f"[bold]{inp.stage}[/] {len(inp.prompts)} prompts ('{inp.column}' column{truncated}); scored by "
                   f"{', '.join(inp.rewards.describe)}; {held}, {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M "
                   "parameters trainable", highlight=False)
     return loop
@@ -390,7 +406,7 @@ def _reporting(cfg, s: PPOSetup, loop: LoopState):
     task = None
     if progress is not None:
         progress.start()
-        task = progress.add_task("ppo", total=s.total_steps, completed=loop.step, info="")
+        task = progress.add_task(stage_of(cfg), total=s.total_steps, completed=loop.step, info="")
     try:
         yield trackers, progress, task
     finally:
@@ -405,16 +421,18 @@ def _reporting(cfg, s: PPOSetup, loop: LoopState):
 
 def _ppo_step(cfg, s: PPOSetup, loop: LoopState) -> StepOutput:
     """ppo_step, its NaN scores and losses as one-line errors that name the last good checkpoint."""
+    from rlchat.group_step import group_step
     from rlchat.ppo_step import NonFiniteScore, ppo_step
     from rlchat.ppo_update import NonFiniteLoss
 
+    name = stage_of(cfg).upper()
     try:
-        return ppo_step(cfg, s)
+        return ppo_step(cfg, s) if name == "PPO" else group_step(cfg, s)
     except NonFiniteScore as err:
-        raise RlchatError(f"PPO step {loop.step}: {err}",
+        raise RlchatError(f"{name} step {loop.step}: {err}",
                           _nan_fix(loop.ckpt_dir, "check the reward function / reward model")) from None
     except NonFiniteLoss as err:
-        raise RlchatError(f"PPO step {loop.step}: {err}",
+        raise RlchatError(f"{name} step {loop.step}: {err}",
                           _nan_fix(loop.ckpt_dir, "lower --lr, or check the rewards for extreme values")) from None
 
 

@@ -219,20 +219,21 @@ def drop_pickled_args(ckpt_dir: Path) -> None:
 # ---------------------------------------- ppo
 
 
-def check_ppo_resumable(run, base, resume_from: Path, layout: dict) -> None:
-    """RunDirError when the checkpoint was trained on another base, model layout or number of processes."""
-    old = ((run.record("ppo") or {}).get("inputs") or {}).get("base") or {}
+def check_ppo_resumable(run, base, resume_from: Path, layout: dict, stage: str = "ppo") -> None:
+    """RunDirError when the checkpoint was trained on another base, model layout or number of processes.
+    stage: "ppo", or "grpo" / "rloo" (the same loop and checkpoints)."""
+    old = ((run.record(stage) or {}).get("inputs") or {}).get("base") or {}
     if old and (old.get("name") != base.name or old.get("hash") != base.hash):
-        raise RunDirError(f"cannot resume the ppo stage in {run.path}: its checkpoints were trained on base "
+        raise RunDirError(f"cannot resume the {stage} stage in {run.path}: its checkpoints were trained on base "
                           f"{old.get('name')}, which has changed since",
-                          "rerun with --overwrite to start PPO afresh")
+                          f"rerun with --overwrite to start {stage} afresh")
     saved = json.loads((resume_from / "state.json").read_text(encoding="utf-8")).get("layout", layout)
     saved.setdefault("processes", 1)  # checkpoints from before multi-process runs
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
     if changed:
         what = "model settings" if any(k != "processes" for k in layout if saved.get(k) != layout[k]) else \
             "number of processes"
-        raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: it was saved with another "
+        raise RunDirError(f"cannot resume the {stage} stage from {resume_from.name}: it was saved with another "
                           f"{what} ({'; '.join(changed)})",
                           "rerun with the settings (and --num-processes) of the interrupted run, or pass "
                           "--overwrite to start afresh")
@@ -249,13 +250,13 @@ RESUME_MAY_CHANGE = ("run_dir", "overwrite", "trust_remote_code", "report_to", "
                      "eval_prompts", "judge", "reward_fn", "dataset", "split", "dataset_config")
 
 
-def check_ppo_resume_settings(run, cfg, resume_from: Path) -> None:
+def check_ppo_resume_settings(run, cfg, resume_from: Path, stage: str = "ppo") -> None:
     """RunDirError naming every setting that differs from the interrupted run's (run.json's config), with the old
     values as flags; the dataset is compared by content (a moved file with the same rows resumes)."""
     from rlchat.config import to_dict
     from rlchat.fileio import input_record
 
-    rec = run.record("ppo") or {}
+    rec = run.record(stage) or {}
     old, now = rec.get("config") or {}, to_dict(cfg)
     changed = [k for k in now if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
     old_data = (rec.get("inputs") or {}).get("dataset") or {}
@@ -272,7 +273,7 @@ def check_ppo_resume_settings(run, cfg, resume_from: Path) -> None:
         diffs.append(f"the prompts ({old_data.get('spec')}) have other content")
     olds = " ".join(as_flag(k, old[k]) for k in changed) + (f" --dataset {old_data.get('spec')}" if data_changed
                                                          else "")
-    raise RunDirError(f"cannot resume the ppo stage from {resume_from.name}: settings differ from the interrupted "
-                      f"run's ({'; '.join(diffs)})",
-                      f"rerun with the interrupted run's values ({olds.strip()}), or pass --overwrite to start PPO "
-                      "afresh")
+    raise RunDirError(f"cannot resume the {stage} stage from {resume_from.name}: settings differ from the "
+                      f"interrupted run's ({'; '.join(diffs)})",
+                      f"rerun with the interrupted run's values ({olds.strip()}), or pass --overwrite to start "
+                      f"{stage} afresh")
