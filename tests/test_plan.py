@@ -16,11 +16,17 @@ RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_dry_runs(recipe, tmp_path, monkeypatch, demo_data, tiny_model):
     root = recipe.parents[1]
-    monkeypatch.chdir(root if "demo" not in recipe.name else tmp_path)
-    if "demo" in recipe.name:  # the demo recipe points at files `make demo` creates; make them here
+    local = recipe.name in ("demo.yaml", "sums.yaml")  # built-in tasks: files the README's commands create
+    monkeypatch.chdir(root if not local else tmp_path)
+    if recipe.name == "demo.yaml":  # make them here
         (tmp_path / ".demo").mkdir()
         (tmp_path / ".demo" / "data").symlink_to(Path(demo_data["sft"]).parent)
         (tmp_path / ".demo" / "model").symlink_to(tiny_model)
+    if recipe.name == "sums.yaml":
+        from rlchat.demo.sums import write_sums_data
+
+        write_sums_data(tmp_path / ".sums" / "data", n_sft=64, n_pairs=64)
+        (tmp_path / ".sums" / "model").symlink_to(tiny_model)
     res = runner.invoke(app, ["plan", str(recipe), "--run-dir", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout[res.stdout.index("["):])
