@@ -17,7 +17,7 @@ from tests.conftest import snapshot
 
 runner = CliRunner()
 COMMANDS = ["sft", "train-reward", "ppo", "eval", "status", "new-model", "import-gguf", "demo-data", "plan", "export",
-            "chat", "report", "score"]
+            "chat", "report", "score", "sample-pairs"]
 
 
 def invoke(*args):
