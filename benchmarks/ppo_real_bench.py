@@ -46,7 +46,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results" / "real"
 DEFAULT_MODEL = ROOT / ".models" / "smollm2-135m-instruct"
 # one PPO step of recipes/smollm2-135m-cpu.yaml
-WORK = dict(batch_size=16, response_length=96, ppo_epochs=2, mini_batches=1, temperature=0.7, lora_r=16,
+WORK = dict(batch_size=16, response_length=64, ppo_epochs=2, mini_batches=1, temperature=0.7, lora_r=16,
             lora_alpha=32, n_prompts=64, lora_target_modules=r"re:.*layers\.(2[2-9])\..*_proj")
 
 
