@@ -11,7 +11,7 @@ DEMO_RUN ?= runs/demo
 MODELS ?= .models
 REAL_MODEL := $(MODELS)/smollm2-135m-instruct/rlchat_gguf.json
 
-.PHONY: install test test-fast demo demo-clean clean real-model fetch-real-model
+.PHONY: install test test-fast demo demo-clean clean real-model fetch-real-model demo-real
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ test-fast: $(STAMP)
 # the finished stages and resumes the interrupted one; `make demo-clean` starts afresh.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_RUN)
+
+# RLHF on the real SmolLM2-135M-Instruct, offline once the model is fetched: pairs -> train-reward -> ppo -> eval
+# on held-out prompts (recipes/smollm2-135m-cpu.yaml), with each stage's time and peak memory.
+DEMO_REAL_RUN ?= runs/smollm2-readable
+demo-real: $(STAMP) $(REAL_MODEL)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PY=$(PY) HF_HUB_OFFLINE=1 bash scripts/demo_real.sh $(DEMO_REAL_RUN)
 
 demo-clean:
 	rm -rf $(DEMO_RUN) .demo

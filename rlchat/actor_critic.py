@@ -152,16 +152,20 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-              last_index: torch.Tensor) -> dict[str, torch.Tensor | None]:
+              last_index: torch.Tensor, extra: int = 0) -> dict[str, torch.Tensor | None]:
         """Rollout pass (no grad): logprobs, ref_logprobs, values, entropy (B, R) and model_scores (B,) or None.
 
         last_index: (B,) position in input_ids of each response's last real token; the reward head reads it.
+        extra: columns appended after the response for the reward read only (an EOS after a response cut at the
+        length limit, see rollout.score_rollout); causal attention leaves every earlier position unchanged.
         """
         R = response_ids.shape[1]
-        P = input_ids.shape[1] - R
+        P = input_ids.shape[1] - R - extra
         position_ids = position_ids_from_mask(attention_mask)
         roles = [POLICY, NO_ADAPTER] + ([] if self.shared_critic else [VALUE]) + ([REWARD] if self.has_reward else [])
         hidden = dict(zip(roles, self._hidden(roles, input_ids, attention_mask, position_ids)))
+        if extra:
+            hidden = {role: (h if role == REWARD else h[:, :P + R]) for role, h in hidden.items()}
         # one (B, R, V) logits tensor at a time keeps the peak memory at one of them
         logits = self._logit_fn(POLICY, hidden[POLICY][:, P - 1:-1])  # (B, R, V)
         logprobs = logprobs_from_logits(logits, response_ids, self.temperature)  # (B, R)

@@ -45,7 +45,10 @@ def _target_names(targets) -> list[str] | None:
 
 def check_lora_targets(model, targets, flag: str = "--lora-target-modules") -> None:
     """ConfigError naming the entries of `targets` that match no module of `model` (peft's rule: the module's full
-    name, or its name after the last dots: `q_proj` matches `model.layers.0.self_attn.q_proj`)."""
+    name, or its name after the last dots: `q_proj` matches `model.layers.0.self_attn.q_proj`); a "re:<regex>"
+    must fully match the name of at least one linear layer (peft's rule for a regex)."""
+    if isinstance(targets, str) and targets.startswith("re:"):
+        return _check_lora_regex(model, targets[3:], flag)
     names = _target_names(targets)
     if not names:
         return
@@ -58,6 +61,18 @@ def check_lora_targets(model, targets, flag: str = "--lora-target-modules") -> N
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     raise ConfigError(f"{flag} names module{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} that "
                       f"the model does not have", f"use all-linear or names from: {', '.join(linear[:20])}")
+
+
+def _check_lora_regex(model, regex: str, flag: str) -> None:
+    import re
+
+    import torch
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not any(re.fullmatch(regex, n) for n in linear):  # the config check compiled it already
+        raise ConfigError(f"{flag} re:{regex} matches no linear layer of the model (the regex must match the whole "
+                          f"module name, e.g. {linear[0] if linear else 'model.layers.0.self_attn.q_proj'})",
+                          "fix the regex, e.g. re:.*layers\\.(2[2-9])\\..*_proj for layers 22-29")
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """The `rlchat` commands that are not pipeline stages: status, plan, score, export, chat, report, new-model,
-import-gguf and demo-data. Registered on rlchat.cli's app (cli.py imports this module right after the stage commands, so --help
+import-gguf, demo-data and sample-pairs. Registered on rlchat.cli's app (cli.py imports this module right after the stage commands, so --help
 lists them in this order); each imports its module inside the command, so `rlchat --help` stays fast.
 Imports: cli (app, fail), errors; each command's own module inside it.
 """
@@ -230,20 +230,24 @@ def demo_data(
     task: Annotated[str, typer.Option(help="demo: 'tell me about the <color> <thing>', chat messages "
                                            "(rlchat/demo/task.py); sums: 'What is 23 plus 45?', plain-text "
                                            "prompt/completion rows and pairs, plus corpus.txt for new-model "
-                                           "(rlchat/demo/sums.py).")] = "demo",
+                                           "(rlchat/demo/sums.py); readable: prompts.jsonl and eval_prompts.jsonl "
+                                           "(held-out topics) of rlchat.tasks.readable, for real models (pairs: "
+                                           "`rlchat sample-pairs`).")] = "demo",
 ):
     """Write a built-in task's data (SFT rows, preference pairs, PPO prompts, held-out prompts)."""
-    from rlchat.demo.sums import write_sums_data
-    from rlchat.demo.task import write_demo_data
     from rlchat.progress import console
-
-    if task not in ("demo", "sums"):
-        fail(RlchatError(f"unknown task '{task}'", "pass --task demo or --task sums"))
-    write_demo_data = write_sums_data if task == "sums" else write_demo_data  # noqa: F811
 
     try:
         from rlchat.rundir import check_output_path
 
+        if task not in ("demo", "sums", "readable"):
+            raise RlchatError(f"unknown task '{task}'", "pass --task demo, --task sums or --task readable")
+        if task == "readable":
+            from rlchat.tasks.readable import write_data as write_demo_data
+        elif task == "sums":
+            from rlchat.demo.sums import write_sums_data as write_demo_data
+        else:
+            from rlchat.demo.task import write_demo_data
         check_output_path(out, "OUT")
         if out.exists() and not out.is_dir():
             raise RlchatError(f"{out} exists and is a file", "choose a directory path for the demo data")
@@ -255,3 +259,54 @@ def demo_data(
     except RlchatError as err:
         fail(err)
     console.print("[bold green]demo-data:[/] " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+@app.command("sample-pairs", epilog="Example: rlchat sample-pairs --model .models/smollm2-135m-instruct --dataset "
+             "data/prompts.jsonl --judge rlchat.tasks.readable:judge --out data/pairs.jsonl --samples 4")
+def sample_pairs_cmd(
+    model: Annotated[str, typer.Option(help="The model that answers: a local directory, a .gguf file or a Hub id.")],
+    dataset: Annotated[str, typer.Option(help="Prompts: a file, save_to_disk dir or Hub id with a 'prompt', "
+                                         "'messages' or 'text' column.")],
+    judge: Annotated[str, typer.Option(help="Judge 'module:function' or 'path/file.py:function', called as "
+                                       "f(prompts, completions) -> list[float] (higher is better).")],
+    out: Annotated[Path, typer.Option(help="JSONL file to write the pairs to (TRL preference format).")],
+    samples: Annotated[int, typer.Option(help="Answers per prompt; the pair is the judge's best against its "
+                                         "worst (more: clearer margins, k times the generation).")] = 2,
+    label_noise: Annotated[float, typer.Option(help="Probability of swapping chosen and rejected (simulated "
+                                               "labeller disagreement), in [0, 0.5).")] = 0.0,
+    min_margin: Annotated[float, typer.Option(help="Skip pairs whose judge scores differ by this much or less.")] = 0.0,
+    max_prompts: Annotated[Optional[int], typer.Option(help="Use at most this many prompts (the first ones).",
+                                                       show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum new tokens per answer.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0: the answers must differ).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling; 1 = off.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Answers generated per batch (--samples per prompt).")] = 16,
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "train",
+    dataset_config: Annotated[Optional[str], typer.Option(help="Dataset configuration (subset) name.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling and label noise).")] = 0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for torch (default: as the stage "
+                                                   "commands choose).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+):
+    """Sample answers from a model, label best against worst with a judge, write preference pairs (RLAIF)."""
+    from rich.markup import escape
+
+    from rlchat.cli import set_threads
+    from rlchat.progress import console
+
+    try:
+        from rlchat.sample_pairs import sample_pairs
+
+        set_threads(threads)
+        result = sample_pairs(model, dataset, judge, out, split=split, dataset_config=dataset_config,
+                              max_prompts=max_prompts, samples=samples, label_noise=label_noise,
+                              min_margin=min_margin, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, batch_size=batch_size, seed=seed, overwrite=overwrite,
+                              trust_remote_code=trust_remote_code)
+    except RlchatError as err:
+        fail(err)
+    console.print(f"[bold green]sample-pairs:[/] {escape(result['summary'])}", soft_wrap=True, highlight=False)
+    if json_out:
+        print(json.dumps(result, indent=1, default=str))

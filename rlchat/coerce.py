@@ -110,8 +110,8 @@ def coerce(v, tp):
                 return coerce(v, rest[0])
             except BadValue as bad:
                 raise BadValue(bad.expected + (" or null" if optional else "")) from None
-        if set(rest) == {str, list[str]}:  # lora_target_modules: a name, or several names
-            if isinstance(v, str) and "," not in v:
+        if set(rest) == {str, list[str]}:  # lora_target_modules: a name, several names, or "re:<regex>"
+            if isinstance(v, str) and ("," not in v or v.startswith("re:")):
                 return v
             try:
                 return _to_str_list(v)

@@ -124,8 +124,10 @@ class TrainConfig(RunConfig):
     lora_r: int = _f(16, "LoRA rank", gt=0)
     lora_alpha: int = _f(32, "LoRA alpha; the adapter's scale is lora_alpha / lora_r", gt=0)
     lora_dropout: float = _f(0.05, "dropout on the LoRA adapter's input", ge=0, lt=1)
-    lora_target_modules: str | list[str] = _f("all-linear", "modules LoRA adapts: 'all-linear' or a comma-separated "
-                                                             "list of module names such as q_proj,v_proj")
+    lora_target_modules: str | list[str] = _f("all-linear", "modules LoRA adapts: 'all-linear', a comma-separated "
+                                                             "list of module names such as q_proj,v_proj, or "
+                                                             "'re:<regex>' matched against whole module names (e.g. "
+                                                             "the top layers only: faster, less memory)")
     full: bool = _f(False, "train all weights (full fine-tuning) instead of a LoRA adapter")
     report_to: str = _f("none", "also send metrics to this tracker (metrics.jsonl is always written)",
                         choices=REPORT_TO)
@@ -152,6 +154,14 @@ def _training_problems(cfg, bad: set[str]) -> list[str]:
                    f"give one of them")
     if warmup and "lr_scheduler" not in bad and cfg.lr_scheduler == "constant":
         out.append("lr_scheduler 'constant' has no warmup: use 'constant_with_warmup', or drop the warmup")
+    targets = cfg.lora_target_modules
+    if "lora_target_modules" not in bad and isinstance(targets, str) and targets.startswith("re:"):
+        import re
+
+        try:
+            re.compile(targets[3:])
+        except re.error as err:
+            out.append(f"lora_target_modules {targets!r} is not a valid regex ({err})")
     if "dtype" not in bad and cfg.dtype == "float16" and cfg.full:
         out.append("full fine-tuning in dtype float16 updates float16 weights with no float32 copy (small updates "
                    "round to nothing): use bfloat16 or float32, or LoRA (drop full)")

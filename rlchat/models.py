@@ -251,12 +251,16 @@ def align_model_with_tokenizer(model: "PreTrainedModel", tokenizer: "PreTrainedT
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str] | str | None,
                 task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> "peft.LoraConfig":
-    """A peft LoraConfig. `target_modules`: a list, a comma-separated string, "all-linear", or None (peft's
-    default for known architectures). For task_type "SEQ_CLS", peft itself keeps the `score` head trainable and
-    saves it with the adapter."""
+    """A peft LoraConfig. `target_modules`: a list, a comma-separated string, "all-linear", "re:<regex>" (peft's
+    full-match regex over module names, e.g. "re:.*layers\\.(2[2-9])\\..*_proj" for the top 8 of 30 layers: no
+    gradient then flows below layer 22, which saves the backward pass and the activations kept for it there), or
+    None (peft's default for known architectures). For task_type "SEQ_CLS", peft itself keeps the `score` head
+    trainable and saves it with the adapter."""
     from peft import LoraConfig
 
-    if isinstance(target_modules, str) and target_modules != "all-linear":
+    if isinstance(target_modules, str) and target_modules.startswith("re:"):
+        target_modules = target_modules[3:]  # peft takes a str (other than "all-linear") as a full-match regex
+    elif isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or None,
                       task_type=task_type, modules_to_save=modules_to_save, bias="none")

@@ -10,6 +10,7 @@ common Hub models - the built-in `KNOWN_CONFIGS` table below.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rlchat.errors import ConfigError, RlchatError
@@ -68,7 +69,8 @@ def count_params(config, cfg) -> dict:
     if getattr(cfg, "full", False):
         return {"total": total, "trainable": total, "mode": "full"}
     targets = getattr(cfg, "lora_target_modules", "all-linear")
-    if isinstance(targets, str) and targets != "all-linear":
+    regex = targets[3:] if isinstance(targets, str) and targets.startswith("re:") else None
+    if isinstance(targets, str) and targets != "all-linear" and regex is None:
         targets = [t.strip() for t in targets.split(",")]
     out_emb = model.get_output_embeddings()
     r = getattr(cfg, "lora_r", 16)
@@ -76,7 +78,8 @@ def count_params(config, cfg) -> dict:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is out_emb:
             continue
-        if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets):
+        if (re.fullmatch(regex, name) if regex is not None else
+                targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)):
             lora += r * (module.in_features + module.out_features)
     return {"total": total, "trainable": lora, "mode": f"lora r={r}"}
 

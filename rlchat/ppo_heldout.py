@@ -106,7 +106,8 @@ def evaluate_heldout(cfg, s, heldout: HeldOut, step: int) -> dict:
             batch = mine[i:i + cfg.batch_size]
             prompt_ids, prompt_mask = left_pad([p.ids for p in batch], pad_id, device)  # (B, P)
             response_ids = s.core.generate(prompt_ids, prompt_mask, s.gen_cfg)           # (B, R)
-            ro = score_rollout(s.core, prompt_ids, prompt_mask, response_ids, s.stop_ids, pad_id)
+            ro = score_rollout(s.core, prompt_ids, prompt_mask, response_ids, s.stop_ids, pad_id,
+                               end_id=s.tokenizer.eos_token_id)  # as in training (ppo_step.py, step 3)
             texts = decode_responses(s.tokenizer, response_lists(ro.response_ids, ro.response_mask), s.stop_ids)
             plan = s.rewards
             model_scores = ro.model_scores

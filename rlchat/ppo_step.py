@@ -168,8 +168,10 @@ def rollout_and_score(cfg, s: PPOSetup, repeat: int = 1):
     response_ids = s.core.generate(prompt_ids, prompt_mask, s.gen_cfg)  # (B, R)
     t1 = time.perf_counter()
 
-    # 3. one forward pass: logprobs, ref_logprobs, values (B, R), reward-adapter score (B,)
-    ro = score_rollout(s.core, prompt_ids, prompt_mask, response_ids, s.stop_ids, pad_id)
+    # 3. one forward pass: logprobs, ref_logprobs, values (B, R), reward-adapter score (B,); a response cut at the
+    # length limit is scored at an EOS appended after it, as the reward model was trained
+    ro = score_rollout(s.core, prompt_ids, prompt_mask, response_ids, s.stop_ids, pad_id,
+                       end_id=s.tokenizer.eos_token_id)
     ro.prompts = [p.text for p in batch]
     ro.completions = decode_responses(s.tokenizer, response_lists(ro.response_ids, ro.response_mask), s.stop_ids)
 

@@ -4,7 +4,7 @@ The models (policy, reference, value, reward behind one `ActorCritic`) are in rl
 
     model = build_shared(base_lm, lora_config, reward_parts, temperature)                    # actor_critic.py
     response_ids = model.generate(prompt_ids, prompt_mask, generation_config(...))         # (B, R)
-    rollout = score_rollout(model, prompt_ids, prompt_mask, response_ids, stop_ids, pad_id)  # no grad
+    rollout = score_rollout(model, prompt_ids, prompt_mask, response_ids, stop_ids, pad_id, eos_id)  # no grad
     new_logprobs = model(rollout.input_ids, rollout.attention_mask, rollout.response_ids, "policy")  # (B, R) grads
     new_values = model(rollout.input_ids, rollout.attention_mask, rollout.response_ids, "value")     # (B, R) grads
 
@@ -67,15 +67,29 @@ class Rollout:
 
 @torch.no_grad()
 def score_rollout(model: ActorCritic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  response_ids: torch.Tensor, stop_ids: list[int], pad_id: int) -> Rollout:
+                  response_ids: torch.Tensor, stop_ids: list[int], pad_id: int, end_id: int | None = None) -> Rollout:
     """Truncate the responses at EOS and run the rollout pass (logprobs, ref_logprobs, values, reward adapter
-    score). The final `scores` are filled in by the caller (rewards.py combines the sources)."""
+    score). The final `scores` are filled in by the caller (rewards.py combines the sources).
+
+    end_id: the reward adapter reads a response cut at the length limit (no EOS) at this token appended after it,
+    as the reward model saw every answer in training (the chat template closes each answer with its EOS) and as
+    eval and text reward models score it; without it such a response is read at a mid-sentence token the reward
+    model never learnt to score. The token is for the reward read only: it is not part of the response.
+    """
     response_ids, response_mask, has_eos = cut_at_stop(response_ids, stop_ids, pad_id)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, T)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, T)
     P = prompt_ids.shape[1]
     last_index = P + response_mask.sum(dim=1) - 1  # (B,) position of the last real response token
-    out = model.score(input_ids, attention_mask, response_ids, last_index)
+    extra = 0
+    if end_id is not None and model.has_reward and not bool(has_eos.all()):
+        cut = ~has_eos  # (B,) responses that hit the length limit
+        column = torch.where(cut, torch.full_like(last_index, end_id), torch.full_like(last_index, pad_id))  # (B,)
+        input_ids = torch.cat([input_ids, column[:, None]], dim=1)  # (B, T + 1)
+        attention_mask = torch.cat([attention_mask, cut[:, None]], dim=1)  # (B, T + 1)
+        last_index = torch.where(cut, torch.full_like(last_index, input_ids.shape[1] - 1), last_index)
+        extra = 1
+    out = model.score(input_ids, attention_mask, response_ids, last_index, extra=extra)
     zeros = torch.zeros_like(out["logprobs"])
     masked = {k: torch.where(response_mask, out[k], zeros) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,

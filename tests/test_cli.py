@@ -17,7 +17,7 @@ from tests.conftest import snapshot
 
 runner = CliRunner()
 COMMANDS = ["sft", "train-reward", "ppo", "grpo", "rloo", "dpo", "eval", "status", "new-model", "import-gguf",
-            "demo-data", "plan", "export", "chat", "report", "score"]
+            "demo-data", "plan", "export", "chat", "report", "score", "sample-pairs"]
 
 
 def invoke(*args):

@@ -213,6 +213,32 @@ def test_lora_config_and_count_parameters(dirs):
     assert trainable == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4) and total2 == total + trainable
 
 
+def test_lora_regex_targets_adapt_only_the_layers_named(dirs):
+    """"re:<regex>" reaches peft as a full-match regex: here the q/v projections of the top layer only."""
+    from peft import get_peft_model
+
+    from rlchat import checks
+    from rlchat.config import SFTConfig, resolve
+    from rlchat.plan import count_params
+
+    spec = r"re:.*layers\.1\.self_attn\.(q|v)_proj"
+    cfg = resolve(SFTConfig, "sft", None, {"run_dir": "r", "lora_r": 4, "lora_target_modules": spec})
+    assert cfg.lora_target_modules == spec  # not split, not listed
+    model = models.load_causal_lm(str(dirs["llama"]))
+    checks.check_lora_targets(model, spec)
+    peft_model = get_peft_model(model, models.lora_config(4, 8, 0.0, spec))
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n})
+    assert adapted == ["base_model.model.model.layers.1.self_attn.q_proj",
+                       "base_model.model.model.layers.1.self_attn.v_proj"]
+    trainable, _ = models.count_parameters(peft_model)
+    assert trainable == (4 * 32 + 32 * 4) + (4 * 32 + 16 * 4)  # q_proj 32x32, v_proj 32->16, one layer
+    assert count_params(model.config, cfg)["trainable"] == trainable  # rlchat plan counts the same
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        checks.check_lora_targets(model, r"re:.*layers\.7\..*_proj")
+    with pytest.raises(ConfigError, match="is not a valid regex"):
+        resolve(SFTConfig, "sft", None, {"run_dir": "r", "lora_target_modules": "re:(q_proj"})
+
+
 def test_align_model_with_tokenizer(dirs):
     tok = models.load_tokenizer(str(dirs["tok_bare"]))  # added <|pad|>: one more token than before
     model = models.load_causal_lm(str(dirs["llama"]))

@@ -27,12 +27,30 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path, monkeypatch, demo_data,
 
         write_sums_data(tmp_path / ".sums" / "data", n_sft=64, n_pairs=64)
         (tmp_path / ".sums" / "model").symlink_to(tiny_model)
+    if "smollm2" in recipe.name:  # the real-model recipe: files `make real-model` / `make demo-real` create
+        from rlchat.tasks.readable import write_data
+
+        monkeypatch.chdir(tmp_path)
+        import shutil
+
+        from transformers import LlamaConfig
+
+        # SmolLM2-135M's shape (a dry run reads the config only; no weights are needed)
+        model_dir = tmp_path / ".models" / "smollm2-135m-instruct"
+        shutil.copytree(tiny_model, model_dir)
+        LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True).save_pretrained(model_dir)
+        write_data(tmp_path / ".demo-real" / "data", n_prompts=20, n_eval=5)
+        (tmp_path / ".demo-real" / "pairs.jsonl").symlink_to(demo_data["pairs"])
     res = runner.invoke(app, ["plan", str(recipe), "--run-dir", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout[res.stdout.index("["):])
-    assert [e["stage"] for e in plan][0] == "sft"
-    sft = plan[0]
-    assert sft["params"]["total"] > sft["params"]["trainable"] > 0 or sft["params"]["mode"] == "full"
+    # an instruct-model recipe may start at train-reward (no sft stage); the first stage trains either way
+    assert [e["stage"] for e in plan][0] == ("reward" if "smollm2" in recipe.name else "sft")
+    first = plan[0]
+    assert first["params"]["total"] > first["params"]["trainable"] > 0 or first["params"]["mode"] == "full"
+    if "smollm2" in recipe.name:  # LoRA r=16 on every projection of the top 8 of 30 layers (the recipe's regex)
+        assert first["params"]["trainable"] == 8 * 16 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 

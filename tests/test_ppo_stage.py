@@ -230,6 +230,40 @@ def test_shared_reward_adapter_scores_like_the_reward_model(tiny_model, reward_r
     assert torch.equal(model.value_head.weight, model.reward_head.weight)
 
 
+def test_truncated_responses_are_scored_with_an_eos_appended(tiny_model, reward_run):
+    """A response cut at the length limit is read by the reward adapter at an EOS appended after it (as the reward
+    model was trained: the chat template closes every answer with one); everything else is unchanged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from rlchat.rollout import score_rollout
+
+    adapter = reward_run / "reward" / "adapter"
+    model, tok = tiny_models(tiny_model, adapter)
+    prompt_ids, prompt_mask = prompt_batch(tok, PROMPTS)
+    torch.manual_seed(0)
+    response = torch.randint(10, len(tok), (len(PROMPTS), 6))
+    response[0, 3] = tok.eos_token_id  # finished; rows 1 and 2 hit the limit
+    eos = [tok.eos_token_id]
+    plain = score_rollout(model, prompt_ids, prompt_mask, response, eos, tok.pad_token_id)
+    ro = score_rollout(model, prompt_ids, prompt_mask, response, eos, tok.pad_token_id, end_id=tok.eos_token_id)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy", "response_mask", "response_ids"):
+        assert torch.allclose(getattr(ro, name).float(), getattr(plain, name).float(), atol=1e-5), name
+    seq = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1)
+    seq.config.pad_token_id = tok.pad_token_id
+    seq = PeftModel.from_pretrained(seq, str(adapter)).eval()
+    with torch.no_grad():
+        for i in range(len(PROMPTS)):
+            ids = ro.input_ids[i][ro.attention_mask[i]]
+            if not ro.has_eos[i]:
+                ids = torch.cat([ids, torch.tensor([tok.eos_token_id])])
+            expected = seq(input_ids=ids[None]).logits[0, 0]
+            assert torch.allclose(ro.model_scores[i], expected, atol=1e-5), (i, ro.model_scores[i], expected)
+    assert torch.equal(ro.model_scores[0], plain.model_scores[0])
+    assert not torch.allclose(ro.model_scores[1:], plain.model_scores[1:])
+
+
 def test_separate_models_give_the_same_rollout_numbers(tiny_model, reward_run):
     import torch
 

@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -252,7 +253,8 @@ def _check_lora_targets(base_lm, lora) -> None:
     names = [targets] if isinstance(targets, str) else list(targets or [])
     head = base_lm.get_output_embeddings()
     head_name = next((n for n, m in base_lm.named_modules() if m is head), "lm_head")
-    if head_name in names or head_name.split(".")[-1] in names:
+    regex = targets if isinstance(targets, str) and targets != "all-linear" else None  # lora_config's "re:" form
+    if head_name in names or head_name.split(".")[-1] in names or (regex and re.fullmatch(regex, head_name)):
         raise ConfigError(f"lora_target_modules includes the LM head '{head_name}', which PPO keeps frozen",
                           "leave it out (all-linear already does)")
 

@@ -13,6 +13,10 @@ What `run(cfg)` does, in order:
      optional centring term center_rewards_coef * mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023, Eq. 2).
   3. score the held-out pairs with the trained model ourselves (pairwise accuracy, margin, reward mean/std) and
      write RUN/reward/: adapter/ or model/, tokenizer/, metrics.jsonl, reward_stats.json, config.yaml.
+  4. say why a weak reward model is weak (rlchat/reward_checks.py): a held-out accuracy whose 95% interval holds
+     0.5 is put down to the training (it did not fit DIAGNOSE_TRAIN_PAIRS of its own training pairs, scored here,
+     or the loss stayed near log 2), the data (it fits them; the pairs' judge margins, when the pairs carry them,
+     say how close the answers were), or too few held-out pairs; metrics `diagnosis`, printed with the fix.
 
 Data rules (all checked in step 1; errors are one line, exit code 2):
   * pairs whose chosen and rejected are identical carry no signal: counted, skipped, reported as a warning (an
@@ -51,6 +55,7 @@ from rlchat.run_models import RewardScorer, load_base_causal, resolve_base
 
 STAGE = "reward"
 MAX_STATS_PAIRS = 2000  # pairs scored for reward_stats.json when there is no held-out split
+DIAGNOSE_TRAIN_PAIRS = 64  # training pairs scored after training to tell "did not fit" from "does not generalise"
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -81,6 +86,7 @@ def run(cfg) -> dict:
         # 3. our own held-out scoring (the numbers PPO normalises with), then the outputs
         scored = _score_held_out(cfg, trainer, tokenizer, sets)
         stats, source = scored["stats"], scored["source"]
+        diagnosis = _diagnose(cfg, trainer, tokenizer, sets, scored)  # 4. data, training or held-out size?
         save_trained(trainer, begun.stage_dir / ("model" if cfg.full else "adapter"), full=cfg.full)
         if not begun.is_main:
             return {"rank": dist.rank(), "steps": trainer.state.global_step}
@@ -102,6 +108,7 @@ def run(cfg) -> dict:
             "processes": dist.world_size(),
             "n_truncated": sets.n_truncated,
             "n_identical_skipped": sets.n_identical,
+            "diagnosis": diagnosis["verdict"],
             "format": sets.fmt,
             "rendering": sets.rendering,
             "has_margin": "margin" in sets.train_cols,
@@ -116,6 +123,10 @@ def run(cfg) -> dict:
                         "health_source": source, "warnings": health["warnings"]})
         run.finish_stage(STAGE, metrics=metrics, outputs=outputs)
 
+    from rlchat.progress import console
+
+    for line in diagnosis["lines"]:
+        console.print(f"[yellow]reward:[/] {line}", highlight=False, soft_wrap=True)
     where = run.path / (outputs["model"] or outputs["adapter"])
     if source == "eval":  # the same names and numbers as the progress lines, metrics.jsonl and `rlchat status`
         head = (f"eval_accuracy {stats['accuracy']:.3f}, eval_margin {stats['margin']:.3f} "
@@ -168,6 +179,7 @@ class PairSets:
     n_truncated: int            # pairs left-truncated to max_length
     n_identical: int            # pairs skipped: chosen == rejected, before or after truncation
     rendering: str              # one_turn.CHAT | ONE_TURN (explicit plain-text pairs) | RAW (implicit plain text)
+    judge: dict | None = None   # reward_checks.judge_margin_stats of pairs that carry judge scores (sample-pairs)
 
 
 def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
@@ -227,8 +239,18 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     eval_set = (Dataset.from_dict({k: v for k, v in eval_cols.items() if k != "rows"})
                 if eval_cols and eval_cols["chosen_ids"] else None)
     sets = PairSets(fmt, train_cols, eval_cols, train_set, eval_set, n_truncated, len(identical) + len(collapsed),
-                    pairs_rendering(pairs[0].one_turn, data.is_conversational(ds)))
+                    pairs_rendering(pairs[0].one_turn, data.is_conversational(ds)), _judge_margins(ds))
     return sets, model, tokenizer
+
+
+def _judge_margins(ds) -> dict | None:
+    """The judge margins of pairs written by `rlchat sample-pairs` (judge_chosen / judge_rejected columns)."""
+    from rlchat.reward_checks import judge_margin_stats
+
+    if not {"judge_chosen", "judge_rejected"} <= set(ds.column_names):
+        return None
+    cols = ["judge_chosen", "judge_rejected"] + (["label_flipped"] if "label_flipped" in ds.column_names else [])
+    return judge_margin_stats(ds.select_columns(cols).to_list())
 
 
 def _eval_split_pairs(cfg) -> list:
@@ -337,6 +359,26 @@ def _score_held_out(cfg, trainer, tokenizer, sets: PairSets) -> dict:
                                           "rejected_std")}
     reward_stats.update(n_pairs=n, source=source, accuracy=stats["accuracy"], margin=stats["margin"])
     return {"stats": stats, "reward_stats": reward_stats, "source": source, "cols": cols, "scores": scores, "n": n}
+
+
+def _diagnose(cfg, trainer, tokenizer, sets: PairSets, scored: dict) -> dict:
+    """rlchat.reward_checks.diagnose on this run: is a reward model at chance held back by the data, the training
+    or the number of held-out pairs? Scores up to DIAGNOSE_TRAIN_PAIRS training pairs for the training fit (when
+    the held-out pairs were scored; else the scored set is the training set)."""
+    from rlchat.reward_checks import diagnose
+
+    stats, source = scored["stats"], scored["source"]
+    train_acc, n_train = (stats["accuracy"], scored["n"]) if source == "train" else (None, 0)
+    if source == "eval":
+        k = min(DIAGNOSE_TRAIN_PAIRS, len(sets.train_cols["chosen_ids"]))
+        ids = sets.train_cols["chosen_ids"][:k] + sets.train_cols["rejected_ids"][:k]
+        scores = RewardScorer(trainer.model, tokenizer, cfg.batch_size).score_ids(ids)
+        train_acc, n_train = float((scores[:k] > scores[k:]).float().mean()), k
+    losses = [h["loss"] for h in trainer.state.log_history if isinstance(h.get("loss"), (int, float))]
+    final_loss = sum(losses[-3:]) / len(losses[-3:]) if losses else None
+    n_pairs = len(sets.train_cols["chosen_ids"]) + (len(sets.eval_cols["chosen_ids"]) if sets.eval_cols else 0)
+    return diagnose(stats["accuracy"] if source == "eval" else None, scored["n"] if source == "eval" else 0,
+                    train_acc, n_train, final_loss, sets.judge, sets.n_truncated, n_pairs)
 
 
 def _name_adapter_base(cfg, adapter_dir, base) -> None:
