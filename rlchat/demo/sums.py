@@ -22,7 +22,7 @@ import random
 import re
 from pathlib import Path
 
-from rlchat.demo.task import _write_jsonl
+from rlchat.demo.task import _write_jsonl, judged_pair
 
 NUMBERS = range(1, 41)
 PROMPT_TEMPLATES = ("What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
@@ -142,15 +142,9 @@ def pair_rows(seed: int, n: int, prompts: list, noise: float = LABEL_NOISE) -> l
     rows = []
     for _ in range(n):
         text, a, b = rng.choice(prompts)
-        while True:
-            x = make_answer(rng, a, b, sample_flaws(rng, good_fraction=0.5))
-            y = make_answer(rng, a, b, sample_flaws(rng, good_fraction=0.0))
-            sx, sy = judge([text, text], [x, y])
-            if abs(sx - sy) >= MIN_PAIR_GAP:
-                break
-        chosen, rejected = (x, y) if sx > sy else (y, x)
-        if rng.random() < noise:
-            chosen, rejected = rejected, chosen
+        chosen, rejected = judged_pair(
+            rng, text, lambda good: make_answer(rng, a, b, sample_flaws(rng, good_fraction=good)), judge, noise,
+            MIN_PAIR_GAP)
         rows.append({"prompt": text, "chosen": chosen, "rejected": rejected})
     return rows
 

@@ -289,17 +289,26 @@ def pair_rows(seed: int = 0, n: int = 2000, prompts: list | None = None,
     rows = []
     for _ in range(n):
         text, color, thing = rng.choice(prompts)
-        while True:
-            a = make_answer(rng, color, thing, sample_flaws(rng, good_fraction=0.5))
-            b = make_answer(rng, color, thing, sample_flaws(rng, good_fraction=0.0))
-            sa, sb = judge([text, text], [a, b])
-            if abs(sa - sb) >= MIN_PAIR_GAP:
-                break
-        chosen, rejected = (a, b) if sa > sb else (b, a)
-        if rng.random() < noise:
-            chosen, rejected = rejected, chosen
+        chosen, rejected = judged_pair(
+            rng, text, lambda good: make_answer(rng, color, thing, sample_flaws(rng, good_fraction=good)), judge,
+            noise)
         rows.append({"prompt": _user(text), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
     return rows
+
+
+def judged_pair(rng: random.Random, text: str, draw, judge_fn, noise: float,
+                min_gap: float = MIN_PAIR_GAP) -> tuple[str, str]:
+    """(chosen, rejected): draw(0.5) (good with probability 0.5) against draw(0.0) (always flawed), redrawn until
+    their judge scores differ by at least min_gap, ordered by the judge, then swapped with probability `noise`."""
+    while True:
+        a, b = draw(0.5), draw(0.0)
+        sa, sb = judge_fn([text, text], [a, b])
+        if abs(sa - sb) >= min_gap:
+            break
+    chosen, rejected = (a, b) if sa > sb else (b, a)
+    if rng.random() < noise:
+        chosen, rejected = rejected, chosen
+    return chosen, rejected
 
 
 def prompt_rows(prompts: list) -> list[dict]:
