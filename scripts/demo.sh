@@ -44,11 +44,13 @@ stage() {  # manifest stage name, command...
 stage sft rlchat sft --config "$RECIPE" --run-dir "$RUN"
 stage reward rlchat train-reward --config "$RECIPE" --run-dir "$RUN"
 stage ppo rlchat ppo --config "$RECIPE" --run-dir "$RUN"
-# DPO on the same pairs (when the recipe has a dpo: section): eval compares it with sft and ppo
+# GRPO, RLOO and DPO (each when the recipe has its section): eval compares every policy of the run
+if grep -q '^grpo:' "$RECIPE"; then stage grpo rlchat grpo --config "$RECIPE" --run-dir "$RUN"; fi
+if grep -q '^rloo:' "$RECIPE"; then stage rloo rlchat rloo --config "$RECIPE" --run-dir "$RUN"; fi
 if grep -q '^dpo:' "$RECIPE"; then stage dpo rlchat dpo --config "$RECIPE" --run-dir "$RUN"; fi
 stage eval rlchat eval --config "$RECIPE" --run-dir "$RUN"
 rlchat status "$RUN"
 [ -f "$RUN/eval/report.md" ] && cat "$RUN/eval/report.md"
 echo -n "stage times (s):"
-for k in model data sft reward ppo dpo eval; do [ -n "${SECONDS_PER_STAGE[$k]:-}" ] && echo -n " $k=${SECONDS_PER_STAGE[$k]}"; done
+for k in model data sft reward ppo grpo rloo dpo eval; do [ -n "${SECONDS_PER_STAGE[$k]:-}" ] && echo -n " $k=${SECONDS_PER_STAGE[$k]}"; done
 echo

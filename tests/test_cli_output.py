@@ -289,6 +289,8 @@ seed: 0
 sft: {dataset: .demo/data/sft.jsonl, max_steps: 2, save_steps: 1}
 reward: {dataset: .demo/data/pairs.jsonl, max_steps: 2, batch_size: 8}
 ppo: {dataset: .demo/data/prompts.jsonl, episodes: 8, batch_size: 8, response_length: 4}
+grpo: {dataset: .demo/data/prompts.jsonl, episodes: 8, batch_size: 8, num_generations: 4, response_length: 4}
+rloo: {dataset: .demo/data/prompts.jsonl, episodes: 8, batch_size: 8, num_generations: 2, response_length: 4}
 dpo: {dataset: .demo/data/pairs.jsonl, max_steps: 2, batch_size: 8, max_length: 96}
 eval: {dataset: .demo/data/missing.jsonl, max_prompts: 4, max_new_tokens: 4, kl_samples: 1}
 """)
@@ -302,7 +304,7 @@ eval: {dataset: .demo/data/missing.jsonl, max_prompts: 4, max_new_tokens: 4, kl_
     first = demo()
     assert first.returncode != 0 and "missing.jsonl" in first.stderr  # "interrupted" in eval
     manifest = json.loads((tmp_path / "runs/demo/run.json").read_text())["stages"]
-    started = {s: manifest[s]["started"] for s in ("sft", "reward", "ppo", "dpo")}
+    started = {s: manifest[s]["started"] for s in ("sft", "reward", "ppo", "grpo", "rloo", "dpo")}
     assert all(manifest[s]["status"] == "done" for s in started)
 
     recipe.write_text(recipe.read_text().replace("missing.jsonl", "eval_prompts.jsonl"))
@@ -311,7 +313,7 @@ eval: {dataset: .demo/data/missing.jsonl, max_prompts: 4, max_new_tokens: 4, kl_
     manifest = json.loads((tmp_path / "runs/demo/run.json").read_text())["stages"]
     assert {s: manifest[s]["started"] for s in started} == started  # not redone
     assert manifest["eval"]["status"] == "done"
-    for s in ("sft", "reward", "ppo", "dpo"):
+    for s in ("sft", "reward", "ppo", "grpo", "rloo", "dpo"):
         assert f"==> {s}: already done" in second.stdout
     assert "==> rlchat eval" in second.stdout
 
