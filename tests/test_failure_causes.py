@@ -545,7 +545,10 @@ def test_sigterm_and_ctrl_c_leave_the_stage_interrupted_and_say_so(sig, code, tm
     proc = subprocess.Popen([sys.executable, "-m", "rlchat", "sft", "--run-dir", str(run), "--model", str(tiny_model),
                              "--dataset", str(demo_data["sft"]), "--max-steps", "2000", "--save-steps", "1000",
                              "--batch-size", "2", "--eval-fraction", "0", "--lora-r", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            # Ctrl-C as in a terminal: a test run started in the background (`cmd &` in a script)
+                            # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "sft" / "metrics.jsonl").exists():
         time.sleep(0.2)
