@@ -50,12 +50,12 @@ WORK = dict(batch_size=16, response_length=64, ppo_epochs=2, mini_batches=1, tem
             lora_alpha=32, n_prompts=64, lora_target_modules=r"re:.*layers\.(2[2-9])\..*_proj")
 
 
-def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of an n x n fp32 matmul (best of `reps`) at `threads` torch threads."""
+def matmul_peak(threads: int, n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
+    """GFLOP/s of an n x n matmul in `dtype` (best of `reps`) at `threads` torch threads."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -151,7 +151,7 @@ def build_assets(model_dir: Path, force: bool = False) -> dict:
     return info
 
 
-def child(mode: str, out_json: Path, info: dict, threads: int, steps: int) -> None:
+def child(mode: str, out_json: Path, info: dict, threads: int, steps: int, dtype: str = "float32") -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -170,7 +170,8 @@ def child(mode: str, out_json: Path, info: dict, threads: int, steps: int) -> No
         episodes=WORK["batch_size"] * steps, response_length=WORK["response_length"],
         temperature=WORK["temperature"], lora_r=WORK["lora_r"], lora_alpha=WORK["lora_alpha"], lora_dropout=0.0,
         lora_target_modules=WORK["lora_target_modules"],
-        save_every=10_000, sample_every=10_000, value_model="policy" if mode == "critic" else "adapter"))
+        save_every=10_000, sample_every=10_000, value_model="policy" if mode == "critic" else "adapter",
+        dtype=dtype))
     load = os.getloadavg()[0]
     final = ppo.run(cfg)
     rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -182,7 +183,7 @@ def child(mode: str, out_json: Path, info: dict, threads: int, steps: int) -> No
     step_s = [WORK["batch_size"] / r["episodes_per_s"] for r in rows]
     gen_tokens = sum(r["response/length"] * WORK["batch_size"] for r in rows)
     res = {
-        "mode": mode, "threads": torch.get_num_threads(), "steps": len(rows), "episodes": final["episodes"],
+        "mode": mode, "dtype": dtype, "threads": torch.get_num_threads(), "steps": len(rows), "episodes": final["episodes"],
         "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
         "episodes_per_s": final["episodes"] / sum(step_s), "s_per_step": sum(step_s) / len(rows),
         "generation_s_per_step": gen_s / len(rows), "scoring_s_per_step": score_s / len(rows),
@@ -199,7 +200,8 @@ def child(mode: str, out_json: Path, info: dict, threads: int, steps: int) -> No
     out_json.write_text(json.dumps(res, indent=1))
 
 
-def generation_alone(model_dir: Path, threads: int, batches=(8, 16, 32), new_tokens: int = 64) -> list[dict]:
+def generation_alone(model_dir: Path, threads: int, batches=(8, 16, 32), new_tokens: int = 64,
+                     dtype: str = "float32") -> list[dict]:
     """tokens/s of plain model.generate (sampling, no EOS stop) at several batch sizes."""
     import torch
     from transformers import GenerationConfig
@@ -209,7 +211,7 @@ def generation_alone(model_dir: Path, threads: int, batches=(8, 16, 32), new_tok
 
     torch.set_num_threads(threads)
     tok = models.load_tokenizer(str(model_dir))
-    lm = models.load_causal_lm(str(model_dir)).eval()
+    lm = models.load_causal_lm(str(model_dir), dtype=dtype).eval()
     out = []
     for B in batches:
         msgs = [[{"role": "user", "content": f"Tell me about {TOPICS[i]}."}] for i in range(B)]
@@ -229,7 +231,7 @@ def generation_alone(model_dir: Path, threads: int, batches=(8, 16, 32), new_tok
 
 
 def table(results: dict, peak: float, gen: list[dict] | None, threads: int) -> str:
-    lines = [f"matmul peak (2048^2 fp32, {threads} threads): {peak:.0f} GFLOP/s", ""]
+    lines = [f"matmul peak (2048^2, the run's dtype, {threads} threads): {peak:.0f} GFLOP/s", ""]
     if results:
         lines += ["| mode | episodes/s | s/step | gen s | scoring s | training s | gen tok/s | scoring GFLOP/s | "
                   "update GFLOP/s | update % of matmul peak | peak RSS MiB | load |",
@@ -255,6 +257,8 @@ def main() -> None:
     ap.add_argument("--modes", default="shared,critic", help="comma-separated: shared, critic")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="PPO steps per mode")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights' dtype (rlchat --dtype); bfloat16 uses the CPU's bf16 matmuls where it has them")
     ap.add_argument("--gen-only", action="store_true", help="only the matmul peak and generation alone")
     ap.add_argument("--no-gen", action="store_true", help="skip the generation-alone measurement")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -268,12 +272,12 @@ def main() -> None:
         raise SystemExit(f"no model at {model_dir}: run `make real-model` first (or pass --model DIR)")
     if a.child:
         child(a.child, Path(a.out), json.loads((RESULTS / "assets" / "assets.json").read_text()), a.threads,
-              a.steps)
+              a.steps, a.dtype)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    peak = matmul_peak(a.threads)
-    print(f"matmul peak: {peak:.0f} GFLOP/s at {a.threads} threads (load {os.getloadavg()[0]:.1f})", flush=True)
-    gen = None if a.no_gen else generation_alone(model_dir, a.threads)
+    peak = matmul_peak(a.threads, dtype=a.dtype)
+    print(f"matmul peak: {peak:.0f} GFLOP/s ({a.dtype}) at {a.threads} threads (load {os.getloadavg()[0]:.1f})", flush=True)
+    gen = None if a.no_gen else generation_alone(model_dir, a.threads, dtype=a.dtype)
     results = {}
     if not a.gen_only:
         build_assets(model_dir)  # the child processes read its assets.json
@@ -281,7 +285,8 @@ def main() -> None:
             out = RESULTS / f"{mode}.json"
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
             proc = subprocess.run([sys.executable, __file__, "--child", mode, "--out", str(out), "--threads",
-                                   str(a.threads), "--steps", str(a.steps), "--model", str(model_dir)], env=env,
+                                   str(a.threads), "--steps", str(a.steps), "--model", str(model_dir), "--dtype", a.dtype],
+                                  env=env,
                                   cwd=str(ROOT), capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], proc.stderr[-4000:])

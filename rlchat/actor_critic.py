@@ -109,6 +109,10 @@ class ActorCritic(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on hidden states (..., H) -> (...,) float32; the head is float32 on any weights' dtype."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
     @property
     def has_reward(self) -> bool:
         return self.reward_head is not None
@@ -142,12 +146,12 @@ class ActorCritic(nn.Module):
         backbone_role = POLICY if (self.shared_critic or role == POLICY_AND_VALUE) else role
         hidden = self._hidden_one(backbone_role, input_ids, attention_mask, position_ids)[:, P - 1:-1]  # (B, R, H)
         if role == VALUE:
-            return self.value_head(hidden).squeeze(-1).float()  # (B, R)
+            return self._values(hidden)  # (B, R)
         logits = self._logit_fn(POLICY, hidden)  # (B, R, V) only where the response is predicted
         logprobs = logprobs_from_logits(logits, response_ids, self.temperature)  # (B, R)
         if role == POLICY_AND_VALUE:
             assert self.shared_critic, "one pass for policy and value needs the value head on the policy"
-            return logprobs, self.value_head(hidden).squeeze(-1).float()  # (B, R), (B, R)
+            return logprobs, self._values(hidden)  # (B, R), (B, R)
         return logprobs
 
     @torch.no_grad()
@@ -175,7 +179,7 @@ class ActorCritic(nn.Module):
         ref_logprobs = logprobs_from_logits(ref_logits, response_ids, self.temperature)  # (B, R)
         del ref_logits
         critic = hidden[POLICY if self.shared_critic else VALUE]
-        values = self.value_head(critic[:, P - 1:-1]).squeeze(-1).float()  # (B, R)
+        values = self._values(critic[:, P - 1:-1])  # (B, R)
         model_scores = None
         if self.has_reward:
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -433,15 +437,15 @@ def build_shared(base_lm, policy_lora, reward: dict | None = None, temperature: 
         add_lora_adapter(peft_model, REWARD, reward["lora_kwargs"], reward["lora"])
         reward_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"), dtype)
     if shared_critic:
-        value_head = make_head(hidden_size, dtype=dtype)
+        value_head = make_head(hidden_size)  # float32: trained, also on bf16 weights
     elif reward is not None:
         add_lora_adapter(peft_model, VALUE, reward["lora_kwargs"], reward["lora"])
-        value_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"), dtype)
+        value_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"))  # float32
     else:
         value_kwargs = {k: getattr(policy_lora, k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
                                                               "bias")}
         add_lora_adapter(peft_model, VALUE, value_kwargs)
-        value_head = make_head(hidden_size, dtype=dtype)
+        value_head = make_head(hidden_size)  # float32: trained, also on bf16 weights
     model = SharedBase(peft_model, value_head, reward_head, temperature, shared_critic=shared_critic)
     if not critic:  # the zero head is never trained nor saved
         model.value_head.requires_grad_(False)
@@ -467,9 +471,9 @@ def build_separate(base_lm, policy_lora, reward: dict | None = None, temperature
                                    adapter_name=REWARD)
         _load_into(reward_lm, REWARD, reward["lora"])
         reward_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"), dtype)
-        value_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"), dtype)
+        value_head = make_head(hidden_size, reward["head"]["weight"], reward["head"].get("bias"))  # float32
     else:
-        value_head = make_head(hidden_size, dtype=dtype)
+        value_head = make_head(hidden_size)  # float32: trained, also on bf16 weights
     if full:
         policy_lm, value_lm = base_lm, value_base
         if reward is not None:  # start the value model from the reward model: merge its LoRA into the copy

@@ -102,6 +102,16 @@ def use_bf16() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """True if this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there `--dtype bfloat16` runs the
+    matmuls about twice as fast as float32 (scripts/demo_real.sh picks it); elsewhere bf16 is emulated and slower."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 # The stage's --dtype and --attn-implementation, set around a stage's run(cfg) by `with_load_settings`, so that
 # every model the stage loads follows them (the SFT policy, the reward model, the reference, a --reward-model)
 # without threading two arguments through each loader of run_models.py and rewards.py.

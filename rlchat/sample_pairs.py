@@ -140,7 +140,7 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
                  dataset_config: str | None = None, max_prompts: int | None = None, samples: int = 2,
                  label_noise: float = 0.0, min_margin: float = 0.0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                 overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+                 overwrite: bool = False, trust_remote_code: bool = False, dtype: str = "auto") -> dict:
     """Sample k answers per prompt, label best against worst with the judge, write TRL preference pairs to `out`
     (JSONL, atomically). Returns a summary dict; nothing is written on bad input."""
     import torch
@@ -154,6 +154,7 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
     out = Path(out)
     # 1. validate everything before loading a model
     check_settings(label_noise, min_margin, max_new_tokens, temperature, top_p, batch_size, max_prompts, samples)
+    models.resolve_dtype(dtype)  # an unknown name: ConfigError before anything loads
     check_out(out, overwrite)
     messages, texts = _read_prompts(dataset, split, dataset_config, max_prompts)
     judge_fn = load_judge(judge)
@@ -162,7 +163,7 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
     # 2. the model, with its own chat template and stop token(s); k answers per prompt
     quiet_libraries()
     tokenizer = models.load_tokenizer(model, trust_remote_code=trust_remote_code)
-    lm = models.load_causal_lm(model, trust_remote_code=trust_remote_code, device=models.pick_device())
+    lm = models.load_causal_lm(model, trust_remote_code=trust_remote_code, dtype=dtype, device=models.pick_device())
     models.align_model_with_tokenizer(lm, tokenizer)
     lm.eval()
     n, k = len(messages), samples

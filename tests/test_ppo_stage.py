@@ -500,6 +500,35 @@ def test_shared_critic_trains_the_value_head_on_the_policy(tmp_path, tiny_model,
     assert load_file(str(run / "ppo" / "value" / "value_head.safetensors"))["weight"].abs().sum() > 0
 
 
+def test_ppo_in_bfloat16_keeps_the_value_head_in_float32_and_trains_it(tmp_path, tiny_model, reward_run, demo_data):
+    """--dtype bfloat16 (the GPU default, and the CPU recipe's choice on CPUs with bf16 matmuls): the weights load
+    in bf16, the trained value head stays float32 (a bf16 parameter loses Adam updates below its 8-bit mantissa),
+    and the run trains it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlchat import models
+    from rlchat.actor_critic import build_shared, reward_lora_parts
+    from rlchat.stages import ppo
+
+    kwargs, lora, head = reward_lora_parts(reward_run / "reward" / "adapter")
+    lm = models.load_causal_lm(str(tiny_model), dtype="bfloat16")
+    model = build_shared(lm, models.lora_config(8, 16, 0.0, "all-linear"),
+                         {"lora_kwargs": kwargs, "lora": lora, "head": head})
+    assert lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.value_head.weight.dtype == torch.float32 and model.value_head.weight.requires_grad
+    values = model._values(torch.randn(3, 5, lm.config.hidden_size, dtype=torch.bfloat16))
+    assert values.dtype == torch.float32 and values.shape == (3, 5)
+
+    run = fresh_run(reward_run, tmp_path)
+    metrics = ppo.run(ppo_cfg(run, tiny_model, demo_data["prompts"], episodes=16, dtype="bfloat16"))
+    assert metrics["steps"] == 2
+    rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(all(v == v for v in r.values() if isinstance(v, float)) for r in rows)  # no NaN
+    saved = load_file(str(run / "ppo" / "value" / "value_head.safetensors"))["weight"]
+    assert saved.dtype == torch.float32 and not torch.equal(saved, head["weight"].reshape(saved.shape).float())
+
+
 def test_finished_ppo_refuses_rerun_without_overwrite(finished_run, tiny_model, demo_data):
     from rlchat.stages import ppo
 
