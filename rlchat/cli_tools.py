@@ -272,6 +272,9 @@ def sample_pairs_cmd(
     out: Annotated[Path, typer.Option(help="JSONL file to write the pairs to (TRL preference format).")],
     samples: Annotated[int, typer.Option(help="Answers per prompt; the pair is the judge's best against its "
                                          "worst (more: clearer margins, k times the generation).")] = 2,
+    pairs: Annotated[str, typer.Option(help="best-worst: one pair per prompt, its best answer against its worst; "
+                                       "all: every two answers (k(k-1)/2 per prompt), more pairs from the same "
+                                       "samples.")] = "best-worst",
     label_noise: Annotated[float, typer.Option(help="Probability of swapping chosen and rejected (simulated "
                                                "labeller disagreement), in [0, 0.5).")] = 0.0,
     min_margin: Annotated[float, typer.Option(help="Skip pairs whose judge scores differ by this much or less.")] = 0.0,
@@ -307,7 +310,7 @@ def sample_pairs_cmd(
                               max_prompts=max_prompts, samples=samples, label_noise=label_noise,
                               min_margin=min_margin, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, batch_size=batch_size, seed=seed, overwrite=overwrite,
-                              trust_remote_code=trust_remote_code, dtype=dtype)
+                              trust_remote_code=trust_remote_code, dtype=dtype, pairing=pairs)
     except RlchatError as err:
         fail(err)
     console.print(f"[bold green]sample-pairs:[/] {escape(result['summary'])}", soft_wrap=True, highlight=False)

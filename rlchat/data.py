@@ -426,11 +426,16 @@ def load_eval_split(spec: str, eval_split: str, config: str | None = None) -> "d
                         "eval_split)") from None
 
 
-def split_eval(ds: "datasets.Dataset", fraction: float, seed: int) -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
+def split_eval(ds: "datasets.Dataset", fraction: float, seed: int,
+               groups: list | None = None) -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
     """Split off a random `fraction` of rows for evaluation; (ds, None) when fraction is 0.
 
     Deterministic for a given seed and dataset. At least one row goes to each side. Kept in memory, so no
-    cache file is written next to the data.
+    cache file is written next to the data. `groups` (one hashable key per row, e.g. the prompt of a preference
+    pair) keeps rows of one group on one side: with several pairs per prompt, a random row split would hold out
+    pairs whose prompt (and often whose answers) the model trained on, and the held-out accuracy would flatter
+    it. Whole groups are held out, in a seeded random order, until `fraction` of the rows is reached. When every
+    key is distinct this is the plain row split (the same rows as without `groups`).
     """
     if not fraction:
         return ds, None
@@ -441,8 +446,31 @@ def split_eval(ds: "datasets.Dataset", fraction: float, seed: int) -> tuple["dat
     if n_eval >= len(ds):
         raise DataError(f"the dataset has {len(ds)} rows, too few to split off eval_fraction {fraction}",
                         "add rows, or set eval_fraction to 0")
+    if groups is not None and len(set(groups)) < len(groups):
+        return _split_groups(ds, groups, n_eval, fraction, seed)
     parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True, keep_in_memory=True)
     return parts["train"], parts["test"]
+
+
+def _split_groups(ds, groups: list, n_eval: int, fraction: float, seed: int):
+    import random
+
+    members: dict = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    if len(members) < 2:
+        raise DataError(f"all {len(ds)} rows share one prompt, so no prompt is left to hold out for eval_fraction "
+                        f"{fraction}", "add rows with other prompts, or set eval_fraction to 0")
+    keys = list(members)
+    random.Random(seed).shuffle(keys)
+    held: list[int] = []
+    for key in keys[:-1]:  # at least one group trains
+        if len(held) >= n_eval:
+            break
+        held += members[key]
+    held_set = set(held)
+    train = [i for i in range(len(ds)) if i not in held_set]
+    return ds.select(train, keep_in_memory=True), ds.select(sorted(held), keep_in_memory=True)
 
 
 _FORMAT_NAMES = {

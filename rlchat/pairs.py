@@ -224,3 +224,12 @@ def reward_health(chosen: list[float], rejected: list[float]) -> dict:
                         "or check that chosen and rejected differ")
     return {"accuracy": acc, "accuracy_ci": [lo, hi], "ece": ece, "mean_confidence": sum(conf) / n,
             "mean_abs_error": 1.0 - sum(p) / n, "warnings": warnings}
+
+
+def prompt_groups(pairs: list[Pair]) -> list:
+    """One key per pair for the held-out split (data.split_eval's `groups`): pairs with the same prompt are held
+    out together. A pair without a prompt (implicit, no shared prefix) is its own group."""
+    import json
+
+    return [json.dumps(p.prompt, sort_keys=True, default=str) if p.prompt is not None else ("row", p.row)
+            for p in pairs]

@@ -7,6 +7,11 @@ the worst `rejected`. Then, with probability --label-noise, the two are swapped,
 gold judge some of the time. Pairs whose scores differ by --min-margin or less carry no (or only noise) signal and
 are left out.
 
+--pairs all keeps every two answers of a prompt instead (k(k-1)/2 pairs, 6 at k = 4; the higher-scored one
+chosen), for k(k-1)/2 times the pairs from the same generation: more for the reward model to learn from, at more
+training time; pairs of one prompt share answers, so train-reward and dpo hold out whole prompts
+(data.split_eval's groups), not single pairs.
+
 Why best of k against worst of k: two samples of one model often read alike, so many of their judge margins are
 tiny and the reward model learns from coin flips; the extremes of k samples are further apart (the expected gap
 between the best and worst of k grows with k), at k times the generation cost per pair. Both answers are still
@@ -68,26 +73,35 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise RlchatError(f"{out} already exists", "pass another --out, or --overwrite to replace it")
 
 
+PAIRINGS = ("best-worst", "all")
+
+
 def make_pairs(prompts: list, completions: list[tuple[str, ...]], scores: list[tuple[float, ...]],
-               eos: list[tuple[bool, ...]], label_noise: float, min_margin: float, seed: int) -> tuple[list, int]:
-    """Pairs from k scored answers per prompt: (rows, n_skipped). The highest-scored answer is chosen and the
-    lowest rejected (the first of equals), then swapped with probability label_noise (one seeded draw per kept
+               eos: list[tuple[bool, ...]], label_noise: float, min_margin: float, seed: int,
+               pairing: str = "best-worst") -> tuple[list, int]:
+    """Pairs from k scored answers per prompt: (rows, n_skipped). "best-worst": the highest-scored answer is
+    chosen and the lowest rejected (the first of equals); "all": every two answers (k(k-1)/2 per prompt), the
+    higher-scored one chosen. Each kept pair is then swapped with probability label_noise (one seeded draw per
     pair). A score difference <= min_margin, a tie, or two identical texts is skipped."""
     rng = random.Random(seed)
     rows, skipped = [], 0
     for messages, texts, sc, ends in zip(prompts, completions, scores, eos):
-        hi = max(range(len(sc)), key=lambda i: (sc[i], -i))
-        lo = min(range(len(sc)), key=lambda i: (sc[i], i))
-        a, b, sa, sb, ea, eb = texts[hi], texts[lo], sc[hi], sc[lo], ends[hi], ends[lo]
-        if sa - sb <= min_margin or sa == sb or a == b:
-            skipped += 1
-            continue
-        flip = rng.random() < label_noise
-        if flip:
-            a, b, sa, sb, ea, eb = b, a, sb, sa, eb, ea
-        rows.append({"prompt": messages, "chosen": [{"role": "assistant", "content": a}],
-                     "rejected": [{"role": "assistant", "content": b}], "judge_chosen": sa, "judge_rejected": sb,
-                     "label_flipped": flip, "eos_chosen": ea, "eos_rejected": eb})
+        if pairing == "all":
+            order = sorted(range(len(sc)), key=lambda i: (-sc[i], i))  # best first
+            combos = [(order[x], order[y]) for x in range(len(order)) for y in range(x + 1, len(order))]
+        else:
+            combos = [(max(range(len(sc)), key=lambda i: (sc[i], -i)), min(range(len(sc)), key=lambda i: (sc[i], i)))]
+        for hi, lo in combos:
+            a, b, sa, sb, ea, eb = texts[hi], texts[lo], sc[hi], sc[lo], ends[hi], ends[lo]
+            if sa - sb <= min_margin or sa == sb or a == b:
+                skipped += 1
+                continue
+            flip = rng.random() < label_noise
+            if flip:
+                a, b, sa, sb, ea, eb = b, a, sb, sa, eb, ea
+            rows.append({"prompt": messages, "chosen": [{"role": "assistant", "content": a}],
+                         "rejected": [{"role": "assistant", "content": b}], "judge_chosen": sa,
+                         "judge_rejected": sb, "label_flipped": flip, "eos_chosen": ea, "eos_rejected": eb})
     return rows, skipped
 
 
@@ -140,7 +154,8 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
                  dataset_config: str | None = None, max_prompts: int | None = None, samples: int = 2,
                  label_noise: float = 0.0, min_margin: float = 0.0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                 overwrite: bool = False, trust_remote_code: bool = False, dtype: str = "auto") -> dict:
+                 overwrite: bool = False, trust_remote_code: bool = False, dtype: str = "auto",
+                 pairing: str = "best-worst") -> dict:
     """Sample k answers per prompt, label best against worst with the judge, write TRL preference pairs to `out`
     (JSONL, atomically). Returns a summary dict; nothing is written on bad input."""
     import torch
@@ -155,6 +170,8 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
     # 1. validate everything before loading a model
     check_settings(label_noise, min_margin, max_new_tokens, temperature, top_p, batch_size, max_prompts, samples)
     models.resolve_dtype(dtype)  # an unknown name: ConfigError before anything loads
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"--pairs {pairing!r} is not a pairing", "use best-worst or all")
     check_out(out, overwrite)
     messages, texts = _read_prompts(dataset, split, dataset_config, max_prompts)
     judge_fn = load_judge(judge)
@@ -178,31 +195,31 @@ def sample_pairs(model: str, dataset: str, judge: str, out: str | Path, *, split
     flat = call_judge(judge_fn, judge, [t for t in texts for _ in range(k)], [a for row in answers for a in row])
     scores = [tuple(flat[k * i:k * (i + 1)]) for i in range(n)]
     pairs, skipped = make_pairs(messages, [tuple(a) for a in answers], scores, [tuple(e) for e in has_eos],
-                                label_noise, min_margin, seed)
+                                label_noise, min_margin, seed, pairing)
     if not pairs:
         raise DataError(f"no pair left: all {n} prompts got answers with judge scores within min_margin "
                         f"{min_margin} of each other", "lower --min-margin, raise --temperature or --samples, or "
                         "use more prompts")
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
     return _summary(out, n, k, pairs, skipped, flat, has_eos, n_tokens, gen_s, time.time() - t0, min_margin,
-                    label_noise)
+                    label_noise, pairing)
 
 
 def _summary(out: Path, n: int, k: int, pairs: list, skipped: int, flat: list[float], has_eos: list, n_tokens: int,
-             gen_s: float, wall_s: float, min_margin: float, label_noise: float) -> dict:
+             gen_s: float, wall_s: float, min_margin: float, label_noise: float, pairing: str = "best-worst") -> dict:
     """What was written: counts, the judge's spread per answer, the kept pairs' margins, EOS rate, speed."""
     mean, std = statistics.fmean(flat), (statistics.stdev(flat) if len(flat) > 1 else 0.0)
     margins = [abs(r["judge_chosen"] - r["judge_rejected"]) for r in pairs]
     eos_rate = sum(e for row in has_eos for e in row) / (k * n)
     result = {
-        "out": str(out), "prompts": n, "samples": k, "pairs": len(pairs), "skipped": skipped,
+        "out": str(out), "prompts": n, "samples": k, "pairing": pairing, "pairs": len(pairs), "skipped": skipped,
         "flipped": sum(r["label_flipped"] for r in pairs), "label_noise": label_noise,
         "judge_mean": mean, "judge_std": std, "margin_mean": statistics.fmean(margins),
         "margin_median": statistics.median(margins), "eos_rate": eos_rate, "tokens": n_tokens,
         "tokens_per_s": n_tokens / max(gen_s, 1e-9), "generation_s": round(gen_s, 1), "wall_s": round(wall_s, 1),
     }
     result["summary"] = (
-        f"{len(pairs)} pairs (best vs worst of {k}) from {n} prompts ({skipped} skipped: margin <= {min_margin}; "
+        f"{len(pairs)} pairs ({'best vs worst' if pairing == 'best-worst' else 'every two'} of {k}) from {n} prompts ({skipped} skipped: margin <= {min_margin}; "
         f"{result['flipped']} labels flipped) -> {out}; judge {mean:.3f} +- {std:.3f} per answer, kept |margin| "
         f"mean {result['margin_mean']:.3f} median {result['margin_median']:.3f}; EOS rate {eos_rate:.2f}; "
         f"{result['tokens_per_s']:.0f} tokens/s, {result['wall_s']:.0f}s")

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rlchat.cli import app
+from rlchat.errors import DataError
 from tests.conftest import snapshot
 
 runner = CliRunner()
@@ -69,6 +70,45 @@ def test_make_pairs_takes_the_best_and_the_worst_of_k_answers():
     assert (rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]) == ("b", "c")
     assert (rows[0]["judge_chosen"], rows[0]["judge_rejected"]) == (0.9, 0.1)
     assert (rows[0]["eos_chosen"], rows[0]["eos_rejected"]) == (False, True)
+
+
+def test_make_pairs_all_keeps_every_two_answers_ordered_by_the_judge():
+    from rlchat.sample_pairs import make_pairs
+
+    prompts = [[{"role": "user", "content": "q"}]]
+    answers = [("a", "b", "c", "d")]
+    scores = [(0.3, 0.9, 0.1, 0.35)]
+    rows, skipped = make_pairs(prompts, answers, scores, [(True,) * 4], label_noise=0.0, min_margin=0.1, seed=0,
+                               pairing="all")
+    got = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    # best first: b 0.9, d 0.35, a 0.3, c 0.1; (d, a) differ by 0.05 <= min_margin: skipped
+    assert got == [("b", "d"), ("b", "a"), ("b", "c"), ("d", "c"), ("a", "c")] and skipped == 1
+    assert all(r["judge_chosen"] > r["judge_rejected"] for r in rows)
+    best_worst, _ = make_pairs(prompts, answers, scores, [(True,) * 4], 0.0, 0.1, 0)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in best_worst] == [("b", "c")]
+
+
+def test_pairs_of_one_prompt_are_held_out_together():
+    """Several pairs per prompt (sample-pairs --pairs all): train-reward's and dpo's split holds out whole
+    prompts; with one pair per prompt it is the plain row split, row for row."""
+    from datasets import Dataset
+
+    from rlchat import data
+    from rlchat.pairs import Pair, prompt_groups
+
+    pairs = [Pair(i, [{"role": "user", "content": f"q{i // 6}"}], "a", "b", None) for i in range(60)]
+    ds = Dataset.from_dict({"i": list(range(60))})
+    train, held = data.split_eval(ds, 0.2, 0, groups=prompt_groups(pairs))
+    assert len(held) == 12 and len(train) == 48
+    held_prompts = {i // 6 for i in held["i"]}
+    assert len(held_prompts) == 2 and not held_prompts & {i // 6 for i in train["i"]}
+    assert data.split_eval(ds, 0.2, 0, groups=prompt_groups(pairs))[1]["i"] == held["i"]  # seeded
+    assert data.split_eval(ds, 0.2, 1, groups=prompt_groups(pairs))[1]["i"] != held["i"]
+    unique = [Pair(i, [{"role": "user", "content": f"q{i}"}], "a", "b", None) for i in range(60)]
+    assert data.split_eval(ds, 0.2, 0, groups=prompt_groups(unique))[1]["i"] == data.split_eval(ds, 0.2, 0)[1]["i"]
+    one = [Pair(i, [{"role": "user", "content": "q"}], "a", "b", None) for i in range(60)]
+    with pytest.raises(DataError, match="share one prompt"):
+        data.split_eval(ds, 0.2, 0, groups=prompt_groups(one))
 
 
 def test_diagnose_tells_training_from_data():

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from rlchat.errors import ConfigError, DataError, RunDirError
 from rlchat.models import with_load_settings
-from rlchat.pairs import read_pairs, rows_text
+from rlchat.pairs import prompt_groups, read_pairs, rows_text
 from rlchat.run_models import adapter_base_name, load_base_causal, resolve_base
 
 STAGE = "dpo"
@@ -182,7 +182,7 @@ def _load_pairs(cfg) -> DPOPairs:
         train = pairs
     else:  # the rows train_test_split picks depend only on the count and the seed: train-reward's split
         train_ids, eval_ids = data.split_eval(Dataset.from_dict({"i": list(range(len(pairs)))}),
-                                              cfg.eval_fraction, cfg.seed)
+                                              cfg.eval_fraction, cfg.seed, groups=prompt_groups(pairs))
         train = [pairs[i] for i in train_ids["i"]]
         held_out = [pairs[i] for i in eval_ids["i"]] if eval_ids is not None else []
     return DPOPairs(fmt, [as_chat(p) for p in train], [as_chat(p) for p in held_out], len(identical))

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from rlchat.errors import ConfigError, DataError
 from rlchat.models import with_load_settings
 from rlchat.one_turn import PAIRS_NOTE, pairs_rendering
-from rlchat.pairs import pair_stats, read_pairs, reward_health, rows_text, tokenize_pairs
+from rlchat.pairs import pair_stats, prompt_groups, read_pairs, reward_health, rows_text, tokenize_pairs
 from rlchat.run_models import RewardScorer, load_base_causal, resolve_base
 
 STAGE = "reward"
@@ -200,7 +200,7 @@ def _load_pairs(cfg, run, base) -> tuple[PairSets, object, object]:
     by_row = {p.row: p for p in pairs}
     kept = kept.add_column("_row", [p.row for p in pairs])
     if cfg.eval_split is None:
-        train_ds, eval_ds = data.split_eval(kept, cfg.eval_fraction, cfg.seed)
+        train_ds, eval_ds = data.split_eval(kept, cfg.eval_fraction, cfg.seed, groups=prompt_groups(pairs))
         eval_pairs = [by_row[r] for r in eval_ds["_row"]] if eval_ds is not None else []
     else:  # an explicit held-out split: all of `split` trains
         train_ds, eval_pairs = kept, _eval_split_pairs(cfg)
