@@ -18,6 +18,9 @@ The checks (each looks at the last WINDOW logged rows, so one noisy step cannot 
                    deterministic -> raise --kl-coef or set --target-kl.
   length_hacking   responses run into --response-length (mean length >= 95% of it) while the EOS rate is below
                    half, or the EOS rate fell by EOS_DROP from its start -> --missing-eos-penalty.
+  cut_at_limit     responses at the limit with EOS rate below half from the first steps on (the starting model
+                   answers longer than --response-length; SmolLM2 at 64 tokens does): not learnt, so not hacking
+                   -> raise --response-length, or --missing-eos-penalty to reward finishing.
   value_not_learning  value/explained_variance below 0 on every row of the window (after the first window): the
                    critic predicts the returns worse than their mean -> check the reward scale (keep
                    --normalize-reward), raise --vf-coef, or use --value-model adapter.
@@ -130,9 +133,19 @@ def length_hacking(rows: list[dict], response_length: int | None = None,
     if len(eos) < 2 * WINDOW:
         return None
     start, now = sum(eos[:WINDOW]) / WINDOW, sum(eos[-WINDOW:]) / WINDOW
-    at_limit = (response_length is not None and len(length) >= WINDOW
-                and min(length[-WINDOW:]) >= LENGTH_AT_LIMIT * response_length and now < 0.5)
+
+    def cut(window: list[float], eos_rate: float) -> bool:
+        return min(window) >= LENGTH_AT_LIMIT * response_length and eos_rate < 0.5
+
+    at_limit = response_length is not None and len(length) >= 2 * WINDOW and cut(length[-WINDOW:], now)
     falling = start - now >= EOS_DROP
+    if at_limit and not falling and cut(length[:WINDOW], start):
+        # at the limit from the first steps: the starting model answers at length, PPO did not learn it
+        return Finding("cut_at_limit", f"most responses are cut at --response-length {response_length} since the "
+                       f"start (mean length {length[-1]:.1f}, EOS rate {start:.2f} at the start, {now:.2f} now): the "
+                       "reward model scores unfinished answers", "raise --response-length if answers should finish "
+                       "within it, or set --missing-eos-penalty to reward finishing; nothing to fix if the answers "
+                       "are meant to run that long", _last_step(rows))
     if not (at_limit or falling):
         return None
     what = (f"responses run into --response-length {response_length} (mean length {length[-1]:.1f})" if at_limit

@@ -99,9 +99,15 @@ def test_length_hacking_on_eos_rate_falling_or_responses_at_the_limit():
     falling = with_(healthy(), "response/eos_rate", [0.9] * 10 + [0.4] * 10)
     found = ph.check_health(falling, response_length=32)
     assert [f.check for f in found] == ["length_hacking"] and "--missing-eos-penalty" in found[0].fix
-    at_limit = with_(with_(healthy(), "response/length", [32.0] * 20), "response/eos_rate", [0.3] * 20)
+    at_limit = with_(with_(healthy(), "response/length", [20.0] * 8 + [32.0] * 12), "response/eos_rate",
+                     [0.45] * 8 + [0.3] * 12)   # grew into the limit (the EOS rate fell less than EOS_DROP)
     found = ph.check_health(at_limit, response_length=32, missing_eos_penalty=1.0)
     assert [f.check for f in found] == ["length_hacking"] and "raise --missing-eos-penalty (now 1)" in found[0].fix
+    # at the limit from the first step (SmolLM2 at 64 tokens: EOS 0.02 before any update): not learnt, not hacking
+    from_start = with_(with_(healthy(), "response/length", [32.0] * 20), "response/eos_rate", [0.06, 0.0] * 10)
+    found = ph.check_health(from_start, response_length=32)
+    assert [f.check for f in found] == ["cut_at_limit"] and "--response-length" in found[0].fix
+    assert "since the start" in found[0].message
     # long answers that still end (EOS rate high) are not length hacking
     assert checks(with_(healthy(), "response/length", [32.0] * 20)) == set()
 
