@@ -5,8 +5,8 @@
 # lives in recipes/smollm2-135m-cpu.yaml; these are the same commands a user types:
 #   0. prompts: training requests and requests about held-out topics (rlchat/tasks/readable.py)
 #   1. pairs: four answers per prompt sampled from the model itself, scored by textstat's Flesch reading ease
-#      (gated for length, repetition and topic); the best against the worst is a pair, 10% of labels flipped;
-#      the judge is never used in training
+#      (gated for length, repetition and topic); every two answers of a prompt make a pair (6 per prompt), 10% of
+#      labels flipped; the judge is never used in training
 #   2. train-reward (LoRA) on those pairs, starting from the model (no SFT stage: it is already an instruct model)
 #   3. ppo (LoRA) against that reward model
 #   4. eval on the held-out prompts: ppo against the starting model (`base`), by the judge, with KL and length
@@ -47,7 +47,7 @@ step data "$PY" -m rlchat demo-data "$WORK/data" --task readable
 if [[ ! -f "$WORK/pairs.jsonl" ]]; then
   step pairs "$PY" -m rlchat sample-pairs --model "$MODEL" --dataset "$WORK/data/prompts.jsonl" \
     --judge rlchat.tasks.readable:judge --out "$WORK/pairs.jsonl" --max-prompts "${PAIR_PROMPTS:-192}" \
-    --samples 4 --max-new-tokens 96 --temperature 0.7 --label-noise 0.1 --batch-size 32 --dtype "$DTYPE"
+    --samples 4 --pairs all --max-new-tokens 96 --temperature 0.7 --label-noise 0.1 --batch-size 32 --dtype "$DTYPE"
 else
   echo "==> reusing $WORK/pairs.jsonl (delete it to sample the pairs afresh)" >&2
 fi
