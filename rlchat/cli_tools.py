@@ -101,8 +101,10 @@ def score_cmd(
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
     out: Annotated[Path, typer.Argument(help="Directory for the standalone model (new or empty).")],
-    stage: Annotated[str, typer.Option(help="Which policy: ppo (SFT and PPO adapters merged), ppo-best (the best "
-                                            "held-out checkpoint of ppo --eval-every), dpo or sft.")] = "ppo",
+    stage: Annotated[str, typer.Option(help="Which policy: ppo (SFT and PPO adapters merged; without an SFT stage, "
+                                            "PPO's adapter merged into the --model it started from), ppo-best (the "
+                                            "best held-out checkpoint of ppo --eval-every), grpo, rloo, dpo or sft."
+                                       )] = "ppo",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT (swapped in only once complete).")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code to run.")] = False,
 ):
@@ -119,8 +121,8 @@ def export_cmd(
 @app.command("chat", epilog='Example: rlchat chat runs/demo --stage ppo --prompt "Tell me about the red apple."')
 def chat_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
-    stage: Annotated[str, typer.Option(help="Which policy: ppo, ppo-best (ppo --eval-every's best), dpo or "
-                                            "sft.")] = "ppo",
+    stage: Annotated[str, typer.Option(help="Which policy: ppo, ppo-best (ppo --eval-every's best), grpo, rloo, "
+                                            "dpo or sft.")] = "ppo",
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (else interactive).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,

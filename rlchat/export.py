@@ -24,11 +24,24 @@ from pathlib import Path
 
 from rlchat.errors import RlchatError, RunDirError
 
-EXPORT_STAGES = ("sft", "ppo", "ppo-best", "dpo")  # ppo-best: RUN/ppo/best, kept by ppo --eval-every
+EXPORT_STAGES = ("sft", "ppo", "ppo-best", "grpo", "rloo", "dpo")  # ppo-best: RUN/ppo/best (ppo --eval-every)
 CHAT_COMMANDS = "/help lists the commands, /reset starts a new conversation, /exit (or Ctrl-D) quits"
 
 
 # ------------------------------------------------------------------------------------------------- loading
+
+
+def _record_stage(stage: str) -> str:
+    """The manifest stage that holds `stage`'s policy (ppo-best lives in the ppo stage)."""
+    return "ppo" if stage == "ppo-best" else stage
+
+
+def stage_base(run, stage: str) -> str:
+    """"sft" when the stage's policy sits on the run's SFT model, else the --model it started from (a run without
+    an SFT stage: an instruct model, `rlchat ppo --model M`), as the stage's outputs record it."""
+    if stage == "sft":
+        return "sft"
+    return ((run.record(_record_stage(stage)) or {}).get("outputs") or {}).get("base") or "sft"
 
 
 def check_stage(run_dir, stage: str):
@@ -40,14 +53,15 @@ def check_stage(run_dir, stage: str):
     run = RunDir(run_dir)
     if not run.exists():
         raise RunDirError(f"no run at {run.path} (no run.json)", "pass the --run-dir you trained in")
-    rec = run.record("ppo" if stage == "ppo-best" else stage)
+    rec = run.record(_record_stage(stage))
     if not rec or rec.get("status") != "done":
         status = rec.get("status") if rec else "not run"
         other = [s for s in EXPORT_STAGES if s != stage and (run.record(s) or {}).get("status") == "done"]
         fix = (f"run `rlchat {stage} --run-dir {run.path}` first" +
                (f", or use --stage {other[0]}" if other else ""))
         raise RunDirError(f"stage '{stage}' in {run.path} is {status}, so it has no policy to use", fix)
-    run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
+    if stage_base(run, stage) == "sft":  # else the stage started from a --model, no SFT stage needed
+        run.require_done("sft", f"rerun `rlchat sft --run-dir {run.path} --overwrite`")
     if stage == "ppo-best" and not (rec.get("outputs") or {}).get("best"):
         raise RunDirError(f"the ppo stage in {run.path} kept no best policy (it ran without --eval-every)",
                           f"use --stage ppo, or rerun `rlchat ppo --run-dir {run.path} --eval-every 10 --overwrite`")
@@ -58,13 +72,17 @@ def load_policy(run_dir, stage: str = "ppo", merge: bool = True, trust_remote_co
                 device: str | None = None):
     """(model, tokenizer) of a finished stage's policy. sft: base with the SFT adapter merged (or the full SFT
     model); ppo: that plus the PPO policy adapter, merged when `merge` (else a PeftModel)."""
-    from rlchat.run_models import load_ppo_policy, load_sft_policy
+    from rlchat.run_models import load_base_causal, load_ppo_policy, load_sft_policy, resolve_base
 
     run = check_stage(run_dir, stage)
-    model, tokenizer = load_sft_policy(run.path, trust_remote_code=trust_remote_code)
+    base = stage_base(run, stage)
+    if base == "sft":
+        model, tokenizer = load_sft_policy(run.path, trust_remote_code=trust_remote_code)
+    else:  # no SFT stage: the policy's adapter sits on the model the stage started from
+        model, tokenizer = load_base_causal(run, resolve_base(run, base), trust_remote_code)
     if stage != "sft":  # a policy stage: its adapter (or full model) as the run's manifest records it
         model, shared = load_ppo_policy(run, model, trust_remote_code, "best" if stage == "ppo-best" else "policy",
-                                        stage="ppo" if stage == "ppo-best" else stage)
+                                        loaded_base=None if base == "sft" else base, stage=_record_stage(stage))
         if shared and merge:
             model = model.merge_and_unload()
     model.eval()
@@ -144,7 +162,9 @@ def export(run_dir, stage: str, out, overwrite: bool = False, trust_remote_code:
     from rlchat.run_models import base_model_spec
 
     model, tokenizer = load_policy(run.path, stage, merge=True, trust_remote_code=trust_remote_code)
-    model = ready_to_serve(model, tokenizer, checkpoint_dtype(base_model_spec(run), trust_remote_code))
+    base = stage_base(run, stage)
+    model = ready_to_serve(model, tokenizer, checkpoint_dtype(base_model_spec(run) if base == "sft" else base,
+                                                              trust_remote_code))
 
     # 3. write atomically
     remove_killed_exports(out)
@@ -172,7 +192,7 @@ def _merged_base(run, stage: str) -> str | None:
 
     if stage == "sft":
         return sft_base_spec(run.record("sft") or {})
-    outputs = (run.record("ppo") or {}).get("outputs") or {}
+    outputs = (run.record(_record_stage(stage)) or {}).get("outputs") or {}
     name = outputs.get("base") or "sft"
     base = adapter_base_name(run, None if name == "sft" else name)
     return str(run.path.resolve() / "sft") if base == "sft" else base
@@ -202,11 +222,12 @@ def ready_to_serve(model, tokenizer, dtype=None):
 
 def _merged_adapters(run, stage: str) -> list[str]:
     merged = []
-    if ((run.record("sft") or {}).get("outputs") or {}).get("kind") == "lora":
+    if stage_base(run, stage) == "sft" and ((run.record("sft") or {}).get("outputs") or {}).get("kind") == "lora":
         merged.append("sft/adapter")
-    if stage in ("ppo", "ppo-best"):
+    if stage != "sft":
         key = "best" if stage == "ppo-best" else "policy"
-        rel = ((run.record("ppo") or {}).get("outputs") or {}).get(key) or f"ppo/{key}"
+        rel = ((run.record(_record_stage(stage)) or {}).get("outputs") or {}).get(key) or \
+            f"{_record_stage(stage)}/{key}"
         if (run.path / rel / "adapter_config.json").is_file():
             merged.append(rel)
     return merged

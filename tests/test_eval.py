@@ -639,6 +639,32 @@ def test_eval_of_a_run_without_sft_compares_ppo_with_the_starting_model(tiny_mod
     for row in rows:
         resp, _ = generate(model, tok, [encode_prompt(tok, row["messages"], prompt_limit(model, 8))], gen, stop_ids)
         assert row["policies"]["base"]["response"] == decode_responses(tok, resp, stop_ids)[0].strip()
+    check_export_and_chat_without_sft(run, tiny_model, tmp_path)
+
+
+def check_export_and_chat_without_sft(run, tiny_model, tmp_path):
+    """export/chat of a run without an SFT stage: PPO's adapter merged into the --model it started from (they
+    used to ask for an SFT stage); the export equals base + adapter loaded with stock peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlchat.models import load_causal_lm, load_tokenizer
+
+    res = invoke("export", run, tmp_path / "exported", "--stage", "ppo")
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "exported" / "rlchat_export.json").read_text())
+    assert info["base_model"] == str(tiny_model) and info["adapters_merged"] == ["ppo/policy"]
+    assert info["sft_base_model"] is None
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    adapter = PeftModel.from_pretrained(load_causal_lm(str(tiny_model)), run / "ppo" / "policy").eval()
+    ids = load_tokenizer(str(tiny_model))("the red apple", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, adapter(ids).logits, atol=1e-4)
+    res = invoke("chat", run, "--stage", "ppo", "--prompt", "Tell me about the red apple.", "--max-new-tokens", 4)
+    assert res.exit_code == 0, res.output
+    res = invoke("export", run, tmp_path / "x", "--stage", "sft")
+    assert res.exit_code == 2 and "sft" in res.output and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------- export, chat

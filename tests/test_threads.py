@@ -24,6 +24,16 @@ def test_choose(requested, world, cpus, load, env, want):
         assert "\n" not in note
 
 
+def test_a_stale_load_average_does_not_lower_the_threads():
+    """The load average trails by a minute: after a 2-thread stage it reads ~2.0 on an idle 2-CPU machine. Only
+    when other processes keep a CPU busy now is the machine busy."""
+    assert threads.choose(None, cpus=2, load=2.0, env={}, busy=0.1) == (2, None)
+    n, note = threads.choose(None, cpus=2, load=2.0, env={}, busy=1.4)
+    assert n == 1 and "load average 2.0" in note
+    busy = threads.busy_cpus(0.2)
+    assert busy is None or 0.0 <= busy <= 1.05 * threads.os.cpu_count() + 0.5
+
+
 def test_cli_threads_flag_sets_torch_threads(tiny_model, demo_data, tmp_path, monkeypatch):
     import torch
     from typer.testing import CliRunner
