@@ -31,7 +31,8 @@ def make_cfg(run_dir, dataset, **overrides) -> DPOConfig:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
-    """A LoRA DPO policy trained for 120 steps on 400 colour pairs (40 held out), and the trainer it used."""
+    """A LoRA DPO policy trained for 120 steps on 400 colour pairs (~40 held out, by prompt), and the trainer it
+    used."""
     from rlchat.progress import TrainerProgress
 
     root = tmp_path_factory.mktemp("dpo")
@@ -68,7 +69,8 @@ def test_dpo_loss_falls_and_margin_rises(trained):
     assert last_margin > 0.5, rows
     m = trained["metrics"]
     assert m["eval_accuracy"] >= 0.9 and m["eval_margin"] > 0.5 and m["eval_loss"] < math.log(2)
-    assert m["n_eval"] == 40 and m["n_train"] == 360 and m["steps"] == 120
+    # prompts repeat in these pairs: whole prompts are held out, 10% of the pairs rounded up to a prompt boundary
+    assert m["n_eval"] + m["n_train"] == 400 and 40 <= m["n_eval"] <= 50 and m["steps"] == 120
 
 
 def test_reference_is_the_adapter_switched_off(trained):
